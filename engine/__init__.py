@@ -1,0 +1,1 @@
+"""The kvtier inference engine: config, scheduler, KV cache, models, runner, API, CLI."""

@@ -1,0 +1,92 @@
+"""Per-step attention metadata: where each new token's KV goes and what each sequence reads.
+
+The model runner builds one `AttentionMetadata` per step from the scheduler's block tables;
+every attention layer of the model reads the same object (it is passed down through
+`forward`, never stored in a global).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SeqAttention:
+    """One sequence's slice of the flat token batch."""
+
+    q_start: int  # first row of this sequence in the flat batch
+    q_len: int  # new tokens computed this step
+    ctx_len: int  # tokens with KV after this step (cached prefix + new tokens)
+    block_table: torch.Tensor  # [ceil(ctx_len / block_size)] block ids, on the device
+
+
+@dataclass
+class DecodeBatch:
+    """Sequences with exactly one new token, padded into one batched attention call."""
+
+    rows: torch.Tensor  # [B] rows of the flat batch
+    block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
+    valid: torch.Tensor  # [B, 1, 1, max_blocks * block_size] bool: key j is inside the context
+
+
+@dataclass
+class AttentionMetadata:
+    slot_blocks: torch.Tensor  # [T] block that receives each new token's KV
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    seqs: list[SeqAttention]
+    decode: DecodeBatch | None  # filled only for the batched fast path
+    prefill_seqs: list[SeqAttention]  # seqs not covered by `decode`
+    block_size: int
+
+
+def build_attention_metadata(
+    seq_specs: list[tuple[int, int, list[int]]],
+    block_size: int,
+    device: torch.device,
+    batch_decodes: bool = True,
+) -> AttentionMetadata:
+    """seq_specs: per sequence (num_computed_before, num_new_tokens, block_ids), in batch order."""
+    slot_blocks: list[int] = []
+    slot_offsets: list[int] = []
+    seqs: list[SeqAttention] = []
+    q_start = 0
+    for num_computed, num_new, block_ids in seq_specs:
+        ctx_len = num_computed + num_new
+        needed = -(-ctx_len // block_size)
+        if needed > len(block_ids):
+            raise RuntimeError(f"block table holds {len(block_ids)} blocks but {needed} are needed")
+        for pos in range(num_computed, ctx_len):
+            slot_blocks.append(block_ids[pos // block_size])
+            slot_offsets.append(pos % block_size)
+        table = torch.tensor(block_ids[:needed], dtype=torch.long, device=device)
+        seqs.append(SeqAttention(q_start, num_new, ctx_len, table))
+        q_start += num_new
+
+    decode = None
+    prefill_seqs = seqs
+    if batch_decodes:
+        decode_seqs = [s for s in seqs if s.q_len == 1]
+        if len(decode_seqs) > 1:
+            prefill_seqs = [s for s in seqs if s.q_len != 1]
+            decode = _build_decode_batch(decode_seqs, block_size, device)
+    return AttentionMetadata(
+        slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=device),
+        slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
+        seqs=seqs,
+        decode=decode,
+        prefill_seqs=prefill_seqs,
+        block_size=block_size,
+    )
+
+
+def _build_decode_batch(seqs: list[SeqAttention], block_size: int, device: torch.device) -> DecodeBatch:
+    max_blocks = max(len(s.block_table) for s in seqs)
+    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        tables[i, : len(s.block_table)] = s.block_table
+    ctx = torch.tensor([s.ctx_len for s in seqs], device=device)
+    key_pos = torch.arange(max_blocks * block_size, device=device)
+    valid = (key_pos[None, :] < ctx[:, None])[:, None, None, :]
+    rows = torch.tensor([s.q_start for s in seqs], dtype=torch.long, device=device)
+    return DecodeBatch(rows=rows, block_tables=tables, valid=valid)

@@ -1,0 +1,131 @@
+"""`kvtier` command line: generate, make-model, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kvtier.engine.sizes import parse_size
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag exits 2 with one line naming the problem (argparse prints the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--kv-cache-memory", type=_size_arg, default=None, help="device KV pool size, e.g. 512MiB")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        kv_cache_memory_bytes=args.kv_cache_memory,
+        enable_prefix_caching=not args.no_prefix_caching,
+        seed=args.seed,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kvtier", description="LLM inference with a tiered KV cache")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate text for one or more prompts")
+    g.add_argument("--model", required=True, help="Hugging Face model directory")
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    _add_engine_flags(g)
+
+    m = sub.add_parser("make-model", help="write a random-weight Hugging Face checkpoint and tokenizer")
+    m.add_argument("out", help="output directory")
+    m.add_argument("--arch", choices=["llama", "mistral", "qwen2", "qwen3"], default="llama")
+    m.add_argument("--size", choices=["tiny", "small"], default="small")
+    m.add_argument("--seed", type=int, default=0)
+
+    d = sub.add_parser("demo", help="multi-turn conversation on a built-in model, showing KV reuse")
+    d.add_argument("--model", default=None, help="model directory (default: a cached random 'small' model)")
+    d.add_argument("--turns", type=int, default=5)
+    d.add_argument("--max-tokens", type=int, default=32)
+    _add_engine_flags(d)
+    return parser
+
+
+def _run_generate(args) -> int:
+    from kvtier.engine.llm import LLM
+    from kvtier.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.sampling_seed,
+        max_tokens=args.max_tokens,
+        stop=args.stop,
+    )
+    llm = LLM(args.model, **engine_kwargs(args))
+    for out in llm.generate(args.prompt, params, use_tqdm=False):
+        c = out.outputs[0]
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "text": c.text, "token_ids": c.token_ids,
+                              "finish_reason": c.finish_reason, "num_cached_tokens": out.num_cached_tokens,
+                              "error": out.error}))
+        elif out.error:
+            print(f"error: {out.error}", file=sys.stderr)
+        else:
+            print(c.text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _run_generate(args)
+        if args.command == "make-model":
+            from kvtier.engine.make_model import make_model
+
+            print(make_model(args.out, arch=args.arch, size=args.size, seed=args.seed))
+            return 0
+        from kvtier.engine.demo import run_demo
+
+        return run_demo(args, engine_kwargs(args))
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input (flags, config, model files): one line, exit 2, no traceback.
+        print(f"kvtier {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Engine configuration: one dataclass built from kwargs or CLI flags, validated once."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+}
+
+_DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB device pool when running on the CPU
+_CUDA_KV_FRACTION = 0.8  # share of free GPU memory left after weights
+
+
+def parse_dtype(value: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`auto`/None picks float32 on the CPU and bfloat16 on CUDA (vLLM's convention)."""
+    if isinstance(value, torch.dtype):
+        return value
+    if value in (None, "auto"):
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    try:
+        return _DTYPES[str(value).lower()]
+    except KeyError:
+        raise ValueError(f"dtype: unknown value {value!r}; choose one of auto, {', '.join(sorted(_DTYPES))}")
+
+
+def parse_device(value: str | torch.device | None) -> torch.device:
+    if isinstance(value, torch.device):
+        return value
+    if value in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: cannot parse {value!r}; use auto, cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was requested but no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {value!r} is not supported; use auto, cpu or cuda[:N]")
+    return device
+
+
+def _positive_int(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything `LLM(...)` and `kvtier generate` accept; names follow vLLM where it has one."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str | torch.dtype = "auto"
+    device: str | torch.device = "auto"
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    kv_cache_memory_bytes: int | None = None
+    seed: int = 0
+    # Which attention path runs; "reference" is the slow obviously-correct one for tests.
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model: a path to a Hugging Face model directory is required")
+        self.device = parse_device(self.device)
+        self.dtype = parse_dtype(self.dtype, self.device)
+        _positive_int("block_size", self.block_size)
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive_int("max_model_len", self.max_model_len, allow_none=True)
+        _positive_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, allow_none=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError("enable_prefix_caching: must be True or False")
+        if self.attention_backend not in ("auto", "reference", "sdpa"):
+            raise ValueError(f"attention_backend: unknown {self.attention_backend!r}; use auto, sdpa or reference")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(model=model, **kwargs)
+
+    def kv_pool_bytes(self) -> int:
+        """Bytes for the device KV pool: explicit, else a default that fits the device."""
+        if self.kv_cache_memory_bytes is not None:
+            return self.kv_cache_memory_bytes
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            return int(free * _CUDA_KV_FRACTION)
+        return _DEFAULT_CPU_KV_BYTES

@@ -1,0 +1,167 @@
+"""The engine step loop: add requests, step, collect finished outputs.
+
+Kept apart from the `LLM` facade so a server can drive it from a background thread.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.engine.block_hash import model_namespace, root_hash
+from kvtier.engine.config import EngineConfig
+from kvtier.engine.kv_cache_manager import KVCacheManager
+from kvtier.engine.layers.paged_attention import bind_kv_cache
+from kvtier.engine.model_loader import load_model, weights_fingerprint
+from kvtier.engine.model_runner import ModelRunner
+from kvtier.engine.output_builder import OutputBuilder
+from kvtier.engine.outputs import RequestOutput
+from kvtier.engine.request import Request, RequestStatus
+from kvtier.engine.sampling_params import SamplingParams
+from kvtier.engine.scheduler import Scheduler
+from kvtier.engine.tokenizer import load_tokenizer
+
+@dataclass
+class Prompt:
+    text: str | None
+    token_ids: list[int]
+    cache_salt: str | None = None
+
+KV_LAYOUT = "page-first-v1"  # [blocks, layers, 2, block_size, kv_heads, head_dim]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model, self.arch = load_model(config.model, config.dtype, config.device)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.max_model_len = self._resolve_max_model_len()
+
+        bs = config.block_size
+        block_shape = (self.arch.num_layers, 2, bs, self.arch.num_kv_heads, self.arch.head_dim)
+        bytes_per_block = torch.Size(block_shape).numel() * config.dtype.itemsize
+        num_blocks = config.kv_pool_bytes() // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory_bytes: {config.kv_pool_bytes()} bytes cannot hold one KV block "
+                f"({bytes_per_block} bytes)"
+            )
+        self.kv_pool = torch.zeros((num_blocks, *block_shape), dtype=config.dtype, device=config.device)
+        backend = "sdpa" if config.attention_backend == "auto" else config.attention_backend
+        bind_kv_cache(self.model, self.kv_pool, backend)
+
+        fingerprint = weights_fingerprint(config.model)
+        self.namespace = model_namespace(fingerprint, str(config.dtype), KV_LAYOUT, bs)
+        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
+        self.runner = ModelRunner(self.model, bs, config.device, config.seed)
+        self.outputs = OutputBuilder(self.tokenizer)
+        self.requests: dict[str, Request] = {}
+        self._ended_outside_loop: list[Request] = []  # rejected or aborted, reported next step
+        self._ids = itertools.count()
+
+    def _resolve_max_model_len(self) -> int:
+        # No sliding-window attention yet: full attention equals it while sequences fit the
+        # window, so the window caps the length (ModelArchConfig.max_model_len_limit).
+        limit = self.arch.max_model_len_limit
+        requested = self.config.max_model_len
+        if requested is None:
+            return limit
+        if requested > limit:
+            raise ValueError(f"max_model_len: {requested} exceeds what the model supports ({limit})")
+        return requested
+
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model directory has no tokenizer.json; pass prompt_token_ids instead")
+        return self.tokenizer.encode(prompt)
+
+    def parse_prompt(self, prompt) -> Prompt:
+        """str, {"prompt": str} or {"prompt_token_ids": [...]} (optionally with "cache_salt"), or ids."""
+        if isinstance(prompt, Prompt):
+            return prompt
+        salt = None
+        if isinstance(prompt, dict):
+            salt = prompt.get("cache_salt")
+            if salt is not None and not isinstance(salt, str):
+                raise ValueError("cache_salt: must be a string")
+            if "prompt_token_ids" in prompt:
+                return Prompt(prompt.get("prompt"), list(prompt["prompt_token_ids"]), salt)
+            if "prompt" in prompt:
+                return Prompt(prompt["prompt"], self.tokenize(prompt["prompt"]), salt)
+            raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            return Prompt(prompt, self.tokenize(prompt), None)
+        if isinstance(prompt, (list, tuple)):
+            return Prompt(None, list(prompt), None)
+        raise ValueError(f"prompt: expected str, dict or list of token ids, got {type(prompt).__name__}")
+
+    def add_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> Request:
+        """Queue a prompt. One that can never run still yields a request, finished with an error."""
+        prompt = self.parse_prompt(prompt)
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        rid = request_id if request_id is not None else str(next(self._ids))
+        if rid in self.requests:
+            raise ValueError(f"request_id: {rid!r} is already in flight")
+        req = Request(
+            request_id=rid,
+            prompt_token_ids=prompt.token_ids,
+            sampling_params=params,
+            prompt=prompt.text,
+            cache_salt=prompt.cache_salt,
+            eos_token_ids=tuple(self.arch.eos_token_ids),
+            hash_root=root_hash(self.namespace, prompt.cache_salt),
+        )
+        if params.seed is not None:
+            req.generator = torch.Generator(device=self.config.device)
+            req.generator.manual_seed(params.seed)
+        if params.logprobs is not None:
+            req.logprobs = []
+        self.requests[rid] = req
+        error = self._validate_tokens(prompt.token_ids) or self.scheduler.add(req)
+        if error is not None:
+            req.error = error
+            req.status = RequestStatus.FINISHED_ERROR
+            self._ended_outside_loop.append(req)
+        return req
+
+    def _validate_tokens(self, token_ids: list[int]) -> str | None:
+        if not token_ids:
+            return "prompt is empty"
+        vocab = self.arch.vocab_size
+        for t in token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                return f"prompt token id {t!r} is outside the vocabulary [0, {vocab})"
+        return None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return outputs of requests that finished (incl. rejected ones)."""
+        done, self._ended_outside_loop = self._ended_outside_loop, []
+        if self.scheduler.has_unfinished():
+            sched_out = self.scheduler.schedule()
+            if sched_out.seqs:
+                result = self.runner.execute(sched_out)
+                for rid, lp in result.logprobs.items():
+                    self.outputs.record_logprobs(self.requests[rid], lp)
+                done += self.scheduler.update(sched_out, result.sampled)
+                for seq in sched_out.seqs:
+                    req = seq.request
+                    if not req.is_finished and req.request_id in result.sampled and self.outputs.hit_stop_string(req):
+                        self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                        done.append(req)
+        outputs = []
+        for req in done:
+            del self.requests[req.request_id]
+            outputs.append(self.outputs.build(req))
+        return outputs
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is not None and not req.is_finished:
+            self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+            self._ended_outside_loop.append(req)

@@ -1,0 +1,1 @@
+"""Model layers. Each op lives in one module so batch-invariant variants can be swapped in."""

@@ -1,0 +1,131 @@
+"""Paged attention over the page-first KV pool.
+
+Pool layout (DESIGN.md §3): `[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`;
+a layer sees its view `kv[:, layer]` of shape `[num_blocks, 2, block_size, kv_heads, head_dim]`.
+
+Two implementations share one interface:
+- `reference_attention`: per sequence, gather by block table, explicit causal mask with
+  offset, float32 softmax. Slow and obviously correct; the oracle for every faster path.
+- `sdpa_attention`: torch's scaled_dot_product_attention; prompts that start at position 0
+  attend over their fresh K/V without touching the pool, decodes run as one padded batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvtier.engine.attention_metadata import AttentionMetadata, SeqAttention
+
+
+def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Scatter this step's K/V rows into their (block, offset) slots."""
+    kv_layer[meta.slot_blocks, 0, meta.slot_offsets] = k.to(kv_layer.dtype)
+    kv_layer[meta.slot_blocks, 1, meta.slot_offsets] = v.to(kv_layer.dtype)
+
+
+def gather_kv(kv_layer: torch.Tensor, seq: SeqAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one sequence's whole context, `[ctx_len, kv_heads, head_dim]` each."""
+    blocks = kv_layer[seq.block_table]  # [n, 2, block_size, kvh, d]
+    k = blocks[:, 0].reshape(-1, *blocks.shape[-2:])[: seq.ctx_len]
+    v = blocks[:, 1].reshape(-1, *blocks.shape[-2:])[: seq.ctx_len]
+    return k, v
+
+
+def _causal_mask(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor:
+    """True where query i (absolute position ctx_len - q_len + i) may see key j."""
+    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)
+    return torch.arange(ctx_len, device=device)[None, :] <= q_pos[:, None]
+
+
+def reference_attention(
+    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q: [T, heads, d] -> [T, heads, d]. K/V for this step must already be written."""
+    out = torch.empty_like(q)
+    heads = q.shape[1]
+    for seq in meta.seqs:
+        k, v = gather_kv(kv_layer, seq)
+        group = heads // k.shape[1]
+        k = k.float().repeat_interleave(group, dim=1)  # [ctx, heads, d]
+        v = v.float().repeat_interleave(group, dim=1)
+        qs = q[seq.q_start : seq.q_start + seq.q_len].float()
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
+        mask = _causal_mask(seq.q_len, seq.ctx_len, q.device)
+        scores = scores.masked_fill(~mask[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[seq.q_start : seq.q_start + seq.q_len] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_layer: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Same result as `reference_attention`; k/v are this step's fresh rows."""
+    out = torch.empty_like(q)
+    for seq in meta.prefill_seqs:
+        rows = slice(seq.q_start, seq.q_start + seq.q_len)
+        qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, q, d]
+        if seq.q_len == seq.ctx_len:  # whole context is new: no pool read, plain causal
+            ks, vs = k[rows], v[rows]
+            mask, causal = None, True
+        else:
+            ks, vs = gather_kv(kv_layer, seq)
+            mask, causal = _causal_mask(seq.q_len, seq.ctx_len, q.device), False
+        o = F.scaled_dot_product_attention(
+            qs,
+            ks.to(q.dtype).transpose(0, 1).unsqueeze(0),
+            vs.to(q.dtype).transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[rows] = o[0].transpose(0, 1)
+    if meta.decode is not None:
+        d = meta.decode
+        blocks = kv_layer[d.block_tables]  # [B, nb, 2, bs, kvh, d]
+        bsz, nb, _, bs, kvh, hd = blocks.shape
+        kb = blocks[:, :, 0].reshape(bsz, nb * bs, kvh, hd).transpose(1, 2).to(q.dtype)
+        vb = blocks[:, :, 1].reshape(bsz, nb * bs, kvh, hd).transpose(1, 2).to(q.dtype)
+        qb = q[d.rows].unsqueeze(2)  # [B, heads, 1, d]
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=d.valid, scale=scale, enable_gqa=True)
+        out[d.rows] = o.squeeze(2)
+    return out
+
+
+class PagedAttention(torch.nn.Module):
+    """Attention for one layer: writes this step's K/V into the pool, then attends."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int, scale: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.layer_idx = layer_idx
+        self.scale = scale
+        self.backend = "sdpa"
+        self.kv_layer: torch.Tensor | None = None  # bound by the model runner
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, heads, d]; k, v: [T, kv_heads, d] -> [T, heads, d]."""
+        if self.kv_layer is None:
+            raise RuntimeError("KV cache is not bound; call bind_kv_cache() before forward()")
+        write_kv(self.kv_layer, k, v, meta)
+        if self.backend == "reference":
+            return reference_attention(q, self.kv_layer, meta, self.scale)
+        return sdpa_attention(q, k, v, self.kv_layer, meta, self.scale)
+
+
+def bind_kv_cache(model: torch.nn.Module, kv_pool: torch.Tensor, backend: str) -> None:
+    """Give every PagedAttention its layer view of the page-first pool."""
+    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    if len(layers) != kv_pool.shape[1]:
+        raise ValueError(f"pool has {kv_pool.shape[1]} layers but the model has {len(layers)}")
+    for m in layers:
+        m.kv_layer = kv_pool[:, m.layer_idx]
+        m.backend = backend

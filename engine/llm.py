@@ -1,0 +1,87 @@
+"""`LLM`: the offline batch API, shaped like vLLM's."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from kvtier.engine.config import EngineConfig
+from kvtier.engine.engine_core import Engine
+from kvtier.engine.outputs import RequestOutput
+from kvtier.engine.sampling_params import SamplingParams
+
+
+class LLM:
+    """`LLM(model=PATH, **engine_args)`; see EngineConfig for the arguments."""
+
+    def __init__(self, model: str, **engine_args):
+        self.engine = Engine(EngineConfig.from_kwargs(model, **engine_args))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion and return their outputs in input order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(
+                    f"sampling_params: got {len(params)} for {len(prompts)} prompts; pass one or one per prompt"
+                )
+        # Parse every prompt before queueing any, so a bad one leaves the engine untouched.
+        parsed = [self.engine.parse_prompt(p) for p in prompts]
+        order = {}
+        for i, (p, sp) in enumerate(zip(parsed, params)):
+            order[self.engine.add_request(p, sp).request_id] = i
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        progress = _Progress(len(prompts)) if use_tqdm else None
+        while order:
+            finished = self.engine.step()
+            if not finished and not self.engine.has_unfinished():
+                raise RuntimeError(f"engine went idle with {len(order)} request(s) unanswered")
+            for out in finished:
+                if out.request_id in order:
+                    results[order.pop(out.request_id)] = out
+                    if progress:
+                        progress.update()
+        if progress:
+            progress.close()
+        return results
+
+
+class _Progress:
+    """tqdm when it is installed, else a plain counter on stderr."""
+
+    def __init__(self, total: int):
+        try:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc="generate", dynamic_ncols=True)
+        except ImportError:
+            self._bar = None
+        self.total, self.done = total, 0
+
+    def update(self) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        elif self.done == self.total or self.done % 16 == 0:
+            print(f"\rgenerate: {self.done}/{self.total}", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            print(file=sys.stderr)

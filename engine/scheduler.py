@@ -1,0 +1,156 @@
+"""Continuous batching under a token budget, chunked prefill, preemption by recompute.
+
+Each step: running requests first (decodes and unfinished prompt chunks, FCFS order), then
+waiting requests by arrival while budget, sequence slots and KV blocks last. When the pool
+runs dry the latest-arrived running request is preempted: its blocks are freed (they keep
+their hashes, so re-admission usually hits the prefix cache) and it waits again at the front.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvtier.engine.kv_cache_manager import KVCacheManager
+from kvtier.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledSeq:
+    request: Request
+    num_computed: int  # tokens with KV before this step
+    num_new: int  # tokens computed this step
+    block_ids: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """The step reaches the end of the known tokens, so it yields the next token."""
+        return self.num_computed + self.num_new == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new for s in self.seqs)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> str | None:
+        """Queue a request, or return why it can never run (the caller fails it)."""
+        n = request.num_prompt_tokens
+        if n > self.max_model_len:
+            return f"prompt has {n} tokens, more than max_model_len={self.max_model_len}"
+        if self.kv.blocks_needed(n) > self.kv.num_blocks:
+            return (
+                f"prompt has {n} tokens but the KV pool holds only "
+                f"{self.kv.num_blocks * self.kv.block_size}; raise kv_cache_memory_bytes"
+            )
+        self.kv.update_block_hashes(request)
+        self.waiting.append(request)
+        return None
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while self.kv.allocate_slots(req, num_new) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted itself; the loop bound shrank with `running`
+            out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id)))
+            budget -= num_new
+            i += 1
+
+        # FCFS: stop at the first waiting request that does not fit; never admit in a step that preempted.
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            hits, num_hit_tokens = self.kv.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_hit_tokens, budget)
+            if self.kv.allocate_slots(req, num_new, hits) is None:
+                break
+            self.waiting.popleft()
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit_tokens
+            req.num_computed_tokens = num_hit_tokens
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.seqs.append(ScheduledSeq(req, num_hit_tokens, num_new, self.kv.block_ids(req.request_id)))
+            budget -= num_new
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, run stop checks; return finished requests."""
+        finished = []
+        now = time.monotonic()
+        for seq in out.seqs:
+            req = seq.request
+            req.num_computed_tokens = seq.num_computed + seq.num_new
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            if req.first_token_time is None:
+                req.first_token_time = now
+            req.output_token_ids.append(token)
+            status = self._stop_status(req, token)
+            if status is not None:
+                self.finish(req, status)
+                finished.append(req)
+            else:
+                self.kv.update_block_hashes(req)
+        return finished
+
+    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        params = req.sampling_params
+        if token in params.stop_token_ids:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if not params.ignore_eos and token in req.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and len(req.output_token_ids) >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens > self.kv.num_blocks * self.kv.block_size:
+            return RequestStatus.FINISHED_LENGTH  # the sequence alone would overflow the pool
+        return None
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """End a request wherever it is (running, waiting) and release its blocks."""
+        req.status = status
+        req.finished_time = time.monotonic()
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)

@@ -1,0 +1,3 @@
+from kvtier.engine.cli import main
+
+raise SystemExit(main())
