@@ -1,0 +1,120 @@
+"""Base class for tiers that store encoded values in a byte store (LMDB, Redis, gRPC).
+
+Subclasses implement four raw batch operations on `bytes` keys; this class encodes blocks
+with the tier's codec, verifies every value it reads (a corrupt value is a miss, is deleted
+and is counted), and keeps the stats. Store faults never escape as exceptions.
+"""
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Sequence
+
+import torch
+
+from kvtier.kvstore.codec import Codec, CorruptBlock, decode_block, encode_block, get_codec
+from kvtier.kvstore.keys import BlockKey
+from kvtier.kvstore.tier import Tier
+
+
+class StoreUnavailable(Exception):
+    """Raised by the raw operations when the backing store cannot be reached."""
+
+
+class ByteStoreTier(Tier):
+    def __init__(self, capacity_bytes: int, codec: str = "raw"):
+        super().__init__(capacity_bytes)
+        self.codec: Codec = get_codec(codec)
+
+    # --- what a byte store implements -------------------------------------------------
+    @abc.abstractmethod
+    def _exists(self, keys: list[bytes]) -> list[bool]:
+        """Presence of each key, in one round trip."""
+
+    @abc.abstractmethod
+    def _read(self, keys: list[bytes]) -> list[bytes | memoryview | None]:
+        """Values (None where absent), in one round trip per store."""
+
+    @abc.abstractmethod
+    def _write(self, keys: list[bytes], values: list[bytes]) -> None:
+        """Store values (one round trip / one transaction)."""
+
+    @abc.abstractmethod
+    def _remove(self, keys: list[bytes]) -> None:
+        """Delete keys."""
+
+    # --- the Tier interface -----------------------------------------------------------
+    def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
+        try:
+            return self._exists([k.to_bytes() for k in keys])
+        except StoreUnavailable:
+            self._stats.add(errors=1)
+            return [False] * len(keys)
+
+    def lookup_prefix(self, keys: Sequence[BlockKey]) -> int:
+        n = 0
+        for present in self.contains(keys):
+            if not present:
+                break
+            n += 1
+        return n
+
+    def get(self, keys: Sequence[BlockKey], into: Sequence[torch.Tensor]) -> list[bool]:
+        start = time.perf_counter()
+        raw_keys = [k.to_bytes() for k in keys]
+        try:
+            values = self._read(raw_keys)
+        except StoreUnavailable:
+            self._stats.add(errors=1, misses=len(keys))
+            return [False] * len(keys)
+        ok: list[bool] = []
+        corrupt: list[bytes] = []
+        nbytes = 0
+        for key, raw, value, dst in zip(keys, raw_keys, values, into):
+            if value is None:
+                ok.append(False)
+                continue
+            try:
+                block = decode_block(value, key)
+                if block.shape != dst.shape:
+                    raise CorruptBlock(f"stored shape {tuple(block.shape)} != {tuple(dst.shape)}")
+                dst.copy_(block)
+                nbytes += len(value)
+                ok.append(True)
+            except CorruptBlock:
+                corrupt.append(raw)
+                ok.append(False)
+        if corrupt:
+            self._drop(corrupt)
+        hits = sum(ok)
+        self._stats.add(
+            hits=hits,
+            misses=len(keys) - hits,
+            errors=len(corrupt),
+            bytes_read=nbytes,
+            read_seconds=time.perf_counter() - start,
+        )
+        return ok
+
+    def put(self, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor]) -> None:
+        if not keys:
+            return
+        start = time.perf_counter()
+        values = [encode_block(k, b, self.codec) for k, b in zip(keys, blocks)]
+        try:
+            self._write([k.to_bytes() for k in keys], values)
+        except StoreUnavailable:
+            self._stats.add(errors=1, skipped_writes=len(keys))
+            return
+        self._stats.add(
+            puts=len(keys), bytes_written=sum(len(v) for v in values), write_seconds=time.perf_counter() - start
+        )
+
+    def delete(self, keys: Sequence[BlockKey]) -> None:
+        self._drop([k.to_bytes() for k in keys])
+
+    def _drop(self, raw_keys: list[bytes]) -> None:
+        try:
+            self._remove(raw_keys)
+        except StoreUnavailable:
+            self._stats.add(errors=1)

@@ -1,0 +1,139 @@
+"""Self-describing stored block values: a fixed header, then the codec's payload.
+
+    magic "KVTB" | version | codec id | dtype id | ndim | shape (8 x u32) |
+    key digest (16 B) | payload length (u64) | checksum (u64, xxh3-64)
+
+The checksum covers the header (up to the checksum field) and the payload, so a flipped
+byte anywhere, a value stored under another key, or a truncated value is rejected. One
+value per block means no multi-key races and nothing to keep in step.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+import warnings
+from collections.abc import Callable
+
+import torch
+import xxhash
+
+from kvtier.kvstore.keys import BlockKey
+
+# Decoded payloads are read-only views that callers copy at once; torch's warning about
+# non-writable buffers is noise for that pattern.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+MAGIC = b"KVTB"
+VERSION = 1
+_MAX_DIMS = 8
+_HEAD = struct.Struct("<4sBBBB8I16sQ")  # everything before the checksum
+_CHECKSUM = struct.Struct("<Q")
+HEADER_BYTES = _HEAD.size + _CHECKSUM.size
+
+DTYPE_IDS = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float8_e4m3fn: 4, torch.uint8: 5}
+_DTYPES = {v: k for k, v in DTYPE_IDS.items()}
+
+
+class CorruptBlock(ValueError):
+    """A stored value that fails its header or checksum check."""
+
+
+class Codec:
+    """Turns one block tensor into payload bytes and back. Subclasses register by id."""
+
+    name = "raw"
+    codec_id = 0
+
+    def encode(self, block: torch.Tensor) -> bytes | memoryview:
+        return _tensor_bytes(block)
+
+    def decode(self, payload: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        expected = torch.Size(shape).numel() * dtype.itemsize
+        if len(payload) != expected:
+            raise CorruptBlock(f"raw payload has {len(payload)} bytes, expected {expected}")
+        return torch.frombuffer(payload, dtype=dtype).view(shape)
+
+
+_CODECS: dict[str, Callable[[], Codec]] = {"raw": Codec}
+_CODECS_BY_ID: dict[int, Codec] = {0: Codec()}
+
+
+def register_codec(factory: Callable[[], Codec]) -> None:
+    codec = factory()
+    _CODECS[codec.name] = factory
+    _CODECS_BY_ID[codec.codec_id] = codec
+
+
+def get_codec(name: str) -> Codec:
+    if name not in _CODECS and name == "fp8":
+        import kvtier.kvstore.codec_fp8  # noqa: F401  (registers itself)
+    try:
+        return _CODECS[name]()
+    except KeyError:
+        raise ValueError(f"codec: unknown {name!r}; known: {', '.join(sorted(_CODECS))}")
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu()
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def key_digest(key: BlockKey) -> bytes:
+    return hashlib.blake2b(key.to_bytes(), digest_size=16).digest()
+
+
+def encode_block(key: BlockKey, block: torch.Tensor, codec: Codec | None = None) -> bytes:
+    codec = codec or _CODECS_BY_ID[0]
+    if block.dim() > _MAX_DIMS:
+        raise ValueError(f"block has {block.dim()} dims; at most {_MAX_DIMS} are supported")
+    if block.dtype not in DTYPE_IDS:
+        raise ValueError(f"block dtype {block.dtype} is not storable")
+    payload = codec.encode(block)
+    shape = list(block.shape) + [0] * (_MAX_DIMS - block.dim())
+    head = _HEAD.pack(
+        MAGIC, VERSION, codec.codec_id, DTYPE_IDS[block.dtype], block.dim(), *shape, key_digest(key), len(payload)
+    )
+    h = xxhash.xxh3_64(head)
+    h.update(payload)
+    return b"".join((head, _CHECKSUM.pack(h.intdigest()), payload))
+
+
+def parse_header(value: bytes | memoryview) -> tuple[int, torch.dtype, tuple[int, ...], bytes, int]:
+    """(codec id, dtype, shape, key digest, payload length) after structural checks."""
+    if len(value) < HEADER_BYTES:
+        raise CorruptBlock(f"value of {len(value)} bytes is shorter than the {HEADER_BYTES}-byte header")
+    fields = _HEAD.unpack_from(value)
+    magic, version, codec_id, dtype_id, ndim = fields[:5]
+    shape, digest, length = fields[5:13], fields[13], fields[14]
+    if magic != MAGIC:
+        raise CorruptBlock("bad magic: not a kvtier block value")
+    if version != VERSION:
+        raise CorruptBlock(f"unsupported block format version {version}")
+    if codec_id not in _CODECS_BY_ID or dtype_id not in _DTYPES or ndim > _MAX_DIMS:
+        raise CorruptBlock(f"unknown codec {codec_id} / dtype {dtype_id} / ndim {ndim}")
+    if len(value) != HEADER_BYTES + length:
+        raise CorruptBlock(f"value has {len(value) - HEADER_BYTES} payload bytes, header says {length}")
+    return codec_id, _DTYPES[dtype_id], tuple(shape[:ndim]), digest, length
+
+
+def verify_value(value: bytes | memoryview, key: BlockKey | None = None) -> None:
+    """Raise CorruptBlock unless the value is intact (and, given a key, stored under it)."""
+    parse_header(value)
+    view = memoryview(value)
+    h = xxhash.xxh3_64(view[: _HEAD.size])
+    h.update(view[HEADER_BYTES:])
+    (stored,) = _CHECKSUM.unpack_from(view, _HEAD.size)
+    if h.intdigest() != stored:
+        raise CorruptBlock("checksum mismatch")
+    if key is not None and bytes(view[_HEAD.size - 16 - 8 : _HEAD.size - 8]) != key_digest(key):
+        raise CorruptBlock("value belongs to another key")
+
+
+def decode_block(value: bytes | memoryview, key: BlockKey | None = None) -> torch.Tensor:
+    """The block tensor in its original dtype and shape; CorruptBlock on any mismatch.
+
+    The result may share memory with `value`: copy it before `value` goes away.
+    """
+    verify_value(value, key)
+    codec_id, dtype, shape, _digest, _length = parse_header(value)
+    return _CODECS_BY_ID[codec_id].decode(memoryview(value)[HEADER_BYTES:], dtype, shape)
