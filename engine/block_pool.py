@@ -72,6 +72,9 @@ class BlockPool:
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[bytes, KVBlock] = {}
         self.num_evictions = 0
+        # (block id, hash) of cached blocks handed out again since the last take_evicted():
+        # a write-back connector copies them out before the forward overwrites them.
+        self.evicted: list[tuple[int, bytes]] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -97,6 +100,8 @@ class BlockPool:
         out = []
         for _ in range(n):
             b = self.free_queue.popleft()
+            if b.block_hash is not None:
+                self.evicted.append((b.block_id, b.block_hash))
             self._evict(b)
             b.ref_cnt = 1
             out.append(b)
@@ -111,15 +116,18 @@ class BlockPool:
             if b.ref_cnt == 0:
                 self.free_queue.append(b)
 
-    def cache_block(self, block: KVBlock, block_hash: bytes, token_ids: Sequence[int]) -> None:
-        """Publish a full block under its hash (first writer wins on duplicates)."""
-        if not self.enable_caching or block.block_hash is not None:
-            return
-        if block_hash in self.cached:
-            return
+    def cache_block(self, block: KVBlock, block_hash: bytes, token_ids: Sequence[int]) -> bool:
+        """Publish a full block under its hash; False if already published (first writer wins)."""
+        if not self.enable_caching or block.block_hash is not None or block_hash in self.cached:
+            return False
         block.block_hash = block_hash
         block.token_ids = tuple(token_ids)
         self.cached[block_hash] = block
+        return True
+
+    def take_evicted(self) -> list[tuple[int, bytes]]:
+        out, self.evicted = self.evicted, []
+        return out
 
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is not None:

@@ -73,6 +73,11 @@ class EngineConfig:
     seed: int = 0
     # Which attention path runs; "reference" is the slow obviously-correct one for tests.
     attention_backend: str = "auto"
+    # KV tiers below the device pool, fastest first: ["cpu:4GiB", "lmdb:/path?size=64GiB"].
+    kv_tiers: list[str] | None = None
+    # A connector by name ("tiered", "multi", an entry point, or "package.module:Class").
+    kv_connector: str | None = None
+    kv_connector_config: dict | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -90,6 +95,31 @@ class EngineConfig:
             raise ValueError("enable_prefix_caching: must be True or False")
         if self.attention_backend not in ("auto", "reference", "sdpa"):
             raise ValueError(f"attention_backend: unknown {self.attention_backend!r}; use auto, sdpa or reference")
+        self._validate_connector()
+
+    def _validate_connector(self) -> None:
+        from kvtier.kvstore.tier_spec import parse_tier_spec
+
+        if self.kv_tiers is not None:
+            if isinstance(self.kv_tiers, str) or not isinstance(self.kv_tiers, (list, tuple)):
+                raise ValueError("kv_tiers: must be a list of tier specs, e.g. ['cpu:4GiB']")
+            for spec in self.kv_tiers:
+                if isinstance(spec, str):
+                    parse_tier_spec(spec)  # fail fast, naming the bad spec
+            if self.kv_connector not in (None, "tiered"):
+                raise ValueError("kv_tiers: only the 'tiered' connector takes tiers; put them in kv_connector_config")
+        if self.kv_connector_config is not None and not isinstance(self.kv_connector_config, dict):
+            raise ValueError("kv_connector_config: must be a dict")
+        if (self.kv_tiers or self.kv_connector) and not self.enable_prefix_caching:
+            raise ValueError("kv_connector: tiers key blocks by their prefix hash; keep enable_prefix_caching on")
+
+    def connector_spec(self) -> tuple[str, dict] | None:
+        """(name, config) of the connector to build, or None for no connector."""
+        if self.kv_tiers:
+            return "tiered", {**(self.kv_connector_config or {}), "tiers": list(self.kv_tiers)}
+        if self.kv_connector:
+            return self.kv_connector, dict(self.kv_connector_config or {})
+        return None
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

@@ -5,22 +5,27 @@ Kept apart from the `LLM` facade so a server can drive it from a background thre
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import torch
 
+from kvtier.connectors.base import ConnectorContext, KVConnector
+from kvtier.connectors.registry import build_connector
 from kvtier.engine.block_hash import model_namespace, root_hash
 from kvtier.engine.config import EngineConfig
 from kvtier.engine.kv_cache_manager import KVCacheManager
 from kvtier.engine.layers.paged_attention import bind_kv_cache
 from kvtier.engine.model_loader import load_model, weights_fingerprint
 from kvtier.engine.model_runner import ModelRunner
+from kvtier.engine.prefill_speed import PrefillSpeed
 from kvtier.engine.output_builder import OutputBuilder
 from kvtier.engine.outputs import RequestOutput
 from kvtier.engine.request import Request, RequestStatus
 from kvtier.engine.sampling_params import SamplingParams
 from kvtier.engine.scheduler import Scheduler
 from kvtier.engine.tokenizer import load_tokenizer
+from kvtier.kvstore.tier_spec import BlockLayout
 
 @dataclass
 class Prompt:
@@ -54,12 +59,29 @@ class Engine:
         fingerprint = weights_fingerprint(config.model)
         self.namespace = model_namespace(fingerprint, str(config.dtype), KV_LAYOUT, bs)
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.runner = ModelRunner(self.model, bs, config.device, config.seed)
+        self.prefill_speed = PrefillSpeed()
+        self.connector = self._build_connector(block_shape)
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.connector
+        )
         self.outputs = OutputBuilder(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._ended_outside_loop: list[Request] = []  # rejected or aborted, reported next step
         self._ids = itertools.count()
+
+    def _build_connector(self, block_shape: tuple[int, ...]) -> KVConnector | None:
+        spec = self.config.connector_spec()
+        if spec is None:
+            return None
+        layout = BlockLayout(block_shape, self.config.dtype, self.config.device)
+        context = ConnectorContext(self.namespace, layout, self.config.block_size, self.prefill_speed.tokens_per_s)
+        connector = build_connector(spec[0], spec[1], context)
+        connector.register_kv_caches(self.kv_pool)
+        # Load-or-recompute needs the prefill speed from the first request on: measure it now.
+        self.prefill_speed.measure(self.runner, min(512, self.config.max_num_batched_tokens, self.max_model_len,
+                                                    self.kv.num_blocks * self.config.block_size))
+        return connector
 
     def _resolve_max_model_len(self) -> int:
         # No sliding-window attention yet: full attention equals it while sequences fit the
@@ -142,23 +164,60 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return outputs of requests that finished (incl. rejected ones)."""
         done, self._ended_outside_loop = self._ended_outside_loop, []
+        connector = self.connector
+        if connector is not None:
+            self.scheduler.on_connector_output(connector.get_finished())
         if self.scheduler.has_unfinished():
             sched_out = self.scheduler.schedule()
+            meta = connector.build_metadata() if connector is not None else None
+            if connector is not None:
+                connector.start_load(meta)
             if sched_out.seqs:
+                start = time.perf_counter()
                 result = self.runner.execute(sched_out)
-                for rid, lp in result.logprobs.items():
-                    self.outputs.record_logprobs(self.requests[rid], lp)
-                done += self.scheduler.update(sched_out, result.sampled)
-                for seq in sched_out.seqs:
-                    req = seq.request
-                    if not req.is_finished and req.request_id in result.sampled and self.outputs.hit_stop_string(req):
-                        self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-                        done.append(req)
+                self.prefill_speed.observe(sched_out.num_tokens, time.perf_counter() - start)
+                if connector is not None:
+                    connector.save(meta)
+                done += self._apply(sched_out, result)
+            elif connector is not None and self.scheduler.loading:
+                # Nothing to compute until a load lands: wait for one instead of spinning.
+                self.scheduler.on_connector_output(connector.get_finished(wait=True))
         outputs = []
         for req in done:
             del self.requests[req.request_id]
             outputs.append(self.outputs.build(req))
         return outputs
+
+    def _apply(self, sched_out, result) -> list[Request]:
+        for rid, lp in result.logprobs.items():
+            self.outputs.record_logprobs(self.requests[rid], lp)
+        done = self.scheduler.update(sched_out, result.sampled)
+        for seq in sched_out.seqs:
+            req = seq.request
+            if not req.is_finished and req.request_id in result.sampled and self.outputs.hit_stop_string(req):
+                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                done.append(req)
+        return done
+
+    def kv_stats(self) -> dict[str, dict]:
+        """Per-tier stats: the device pool, then each connector tier."""
+        pool = self.kv.pool
+        device = {
+            "blocks": pool.num_blocks,
+            "free_blocks": pool.num_free_blocks,
+            "cached_blocks": len(pool.cached),
+            "evictions": pool.num_evictions,
+            "prefix_query_tokens": self.kv.prefix_queries,
+            "prefix_hit_tokens": self.kv.prefix_hits,
+            "preemptions": self.scheduler.num_preemptions,
+            "load_failures": self.scheduler.num_load_failures,
+        }
+        return {"device": device, **(self.connector.stats() if self.connector is not None else {})}
+
+    def close(self) -> None:
+        if self.connector is not None:
+            self.connector.close()
+            self.connector = None
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)

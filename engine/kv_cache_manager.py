@@ -13,6 +13,11 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self.num_published: dict[str, int] = {}  # leading blocks of a request already in the hash map
+        # (block id, hash) of blocks computed full since the last take_newly_full(): a
+        # write-through connector saves them after the forward.
+        self.newly_full: list[tuple[int, bytes]] = []
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found on the device
 
     @property
     def num_blocks(self) -> int:
@@ -46,13 +51,20 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] | None = None
+        self,
+        request: Request,
+        num_new_tokens: int,
+        computed_blocks: list[KVBlock] | None = None,
+        num_external_tokens: int = 0,
     ) -> list[KVBlock] | None:
-        """Reserve room for `num_new_tokens` more tokens; None when the pool cannot fit them."""
+        """Reserve room for `num_new_tokens` to compute (plus `num_external_tokens` a connector
+        will load); None when the pool cannot fit them. Blocks to be loaded are published
+        only once the load succeeds (publish_loaded)."""
         computed_blocks = computed_blocks or []
         held = self.req_blocks.get(request.request_id, [])
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
-        needed = self.blocks_needed(num_computed + num_new_tokens) - len(held) - len(computed_blocks)
+        total = num_computed + num_external_tokens + num_new_tokens
+        needed = self.blocks_needed(total) - len(held) - len(computed_blocks)
         # Cached hits that sit idle in the free queue stop being free once we touch them.
         idle_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if needed > self.pool.num_free_blocks - idle_hits:
@@ -62,19 +74,30 @@ class KVCacheManager:
         blocks = self.req_blocks.setdefault(request.request_id, [])
         blocks.extend(computed_blocks)
         blocks.extend(new_blocks)
-        self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
+        if num_external_tokens == 0:
+            self._cache_full_blocks(request, blocks, num_computed + num_new_tokens, computed=True)
         return new_blocks
 
-    def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:
-        """Publish blocks that will be full once this step's tokens are computed."""
+    def publish_loaded(self, request: Request, num_tokens: int) -> None:
+        """A connector filled the request's blocks up to num_tokens: make them shareable."""
+        self._cache_full_blocks(request, self.req_blocks[request.request_id], num_tokens, computed=False)
+
+    def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int, computed: bool) -> None:
+        """Publish blocks that will be full once this step's tokens are computed (or loaded)."""
         if not self.enable_caching:
             return
         bs = self.block_size
         start = self.num_published.get(request.request_id, 0)
         end = min(num_tokens // bs, len(request.block_hashes))
         for i in range(start, end):
-            self.pool.cache_block(blocks[i], request.block_hashes[i], request.token_ids_slice(i * bs, (i + 1) * bs))
+            tokens = request.token_ids_slice(i * bs, (i + 1) * bs)
+            if self.pool.cache_block(blocks[i], request.block_hashes[i], tokens) and computed:
+                self.newly_full.append((blocks[i].block_id, request.block_hashes[i]))
         self.num_published[request.request_id] = max(start, end)
+
+    def take_newly_full(self) -> list[tuple[int, bytes]]:
+        out, self.newly_full = self.newly_full, []
+        return out
 
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, [])]

@@ -20,6 +20,20 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def kv_stats(self) -> dict[str, dict]:
+        """Per-tier stats: hits, misses, bytes read/written, used bytes, evictions, errors, seconds."""
+        return self.engine.kv_stats()
+
+    def close(self) -> None:
+        """Stop tier threads and close stores (also done at interpreter exit)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def generate(
         self,
         prompts,

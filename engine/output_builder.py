@@ -66,5 +66,5 @@ class OutputBuilder:
             num_cached_tokens=cached,
             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time),
             error=req.error,
-            kv_sources={"device": cached, "computed": req.num_prompt_tokens - cached},
+            kv_sources=dict(req.kv_sources) or {"device": 0, "computed": req.num_prompt_tokens},
         )

@@ -12,6 +12,7 @@ from kvtier.engine.sampling_params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # a connector is loading its prefix
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "stop"
@@ -49,6 +50,8 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    # Prompt tokens by where their KV came from, fixed at first admission.
+    kv_sources: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_prompt_tokens(self) -> int:

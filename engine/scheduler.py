@@ -3,7 +3,12 @@
 Each step: running requests first (decodes and unfinished prompt chunks, FCFS order), then
 waiting requests by arrival while budget, sequence slots and KV blocks last. When the pool
 runs dry the latest-arrived running request is preempted: its blocks are freed (they keep
-their hashes, so re-admission usually hits the prefix cache) and it waits again at the front.
+their hashes, so re-admission usually hits the prefix cache, or the connector's tiers) and
+it waits again at the front.
+
+With a connector, a waiting request whose prefix continues in a tier beyond the device hit
+gets blocks for it and parks in WAITING_FOR_KV while the worker side loads them; it runs
+from the first block that did not load intact.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from kvtier.connectors.base import ConnectorOutput, KVConnector
 from kvtier.engine.kv_cache_manager import KVCacheManager
 from kvtier.engine.request import Request, RequestStatus
 
@@ -39,14 +45,25 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        connector: KVConnector | None = None,
+    ):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.connector = connector
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.loading: dict[str, Request] = {}  # WAITING_FOR_KV
+        self.held: dict[str, Request] = {}  # finished, blocks kept until the connector saved them
         self.num_preemptions = 0
+        self.num_load_failures = 0  # blocks that failed to load and were recomputed
 
     def add(self, request: Request) -> str | None:
         """Queue a request, or return why it can never run (the caller fails it)."""
@@ -63,7 +80,7 @@ class Scheduler:
         return None
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -85,21 +102,80 @@ class Scheduler:
             i += 1
 
         # FCFS: stop at the first waiting request that does not fit; never admit in a step that preempted.
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and not out.preempted and self._num_active() < self.max_num_seqs:
             req = self.waiting[0]
             hits, num_hit_tokens = self.kv.get_computed_blocks(req)
+            num_external = self.connector.lookup(req, num_hit_tokens) if self.connector else 0
+            if num_external:
+                if self.kv.allocate_slots(req, 0, hits, num_external_tokens=num_external) is None:
+                    break
+                self.waiting.popleft()
+                self._start_loading(req, num_hit_tokens, num_external)
+                continue
             num_new = min(req.num_tokens - num_hit_tokens, budget)
             if self.kv.allocate_slots(req, num_new, hits) is None:
                 break
             self.waiting.popleft()
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_hit_tokens
+            self._record_admission(req, num_hit_tokens, {})
             req.num_computed_tokens = num_hit_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.seqs.append(ScheduledSeq(req, num_hit_tokens, num_new, self.kv.block_ids(req.request_id)))
             budget -= num_new
+        self._notify_connector()
         return out
+
+    def _num_active(self) -> int:
+        return len(self.running) + len(self.loading)
+
+    def _record_admission(self, req: Request, num_cached: int, sources: dict[str, int]) -> None:
+        """First admission only: how much of the prompt was reused, and from where."""
+        if req.num_cached_tokens >= 0:
+            return
+        req.num_cached_tokens = num_cached
+        device = num_cached - sum(sources.values())
+        req.kv_sources = {"device": device, **sources, "computed": req.num_prompt_tokens - num_cached}
+        self.kv.prefix_queries += req.num_prompt_tokens
+        self.kv.prefix_hits += device
+
+    def _start_loading(self, req: Request, num_hit_tokens: int, num_external: int) -> None:
+        req.num_computed_tokens = num_hit_tokens
+        req.status = RequestStatus.WAITING_FOR_KV
+        self.loading[req.request_id] = req
+        first = num_hit_tokens // self.kv.block_size
+        self.connector.on_allocated(req, self.kv.block_ids(req.request_id)[first:], num_external)
+
+    def _notify_connector(self) -> None:
+        """Hand the connector this step's newly computed and about-to-be-overwritten blocks."""
+        if self.connector is None:
+            return
+        evicted = self.kv.pool.take_evicted()
+        if evicted:
+            self.connector.blocks_evicted([b for b, _ in evicted], [h for _, h in evicted])
+        full = self.kv.take_newly_full()
+        if full:
+            self.connector.request_blocks_saved([b for b, _ in full], [h for _, h in full])
+
+    def on_connector_output(self, output: ConnectorOutput) -> None:
+        """Loads that ended: run each request from its first block that did not load intact."""
+        bs = self.kv.block_size
+        for rid, result in output.finished_loads.items():
+            req = self.loading.pop(rid, None)
+            if req is None:
+                continue
+            if req.is_finished:  # aborted while loading: its blocks were waiting for the load to end
+                self.kv.free(req)
+                continue
+            self.num_load_failures += result.num_blocks - result.num_blocks_ok
+            req.num_computed_tokens += result.num_blocks_ok * bs
+            self.kv.publish_loaded(req, req.num_computed_tokens)
+            self._record_admission(req, req.num_computed_tokens, result.sources)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+        for rid in output.finished_saves:
+            req = self.held.pop(rid, None)
+            if req is not None:
+                self.kv.free(req)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
@@ -149,8 +225,13 @@ class Scheduler:
         """End a request wherever it is (running, waiting) and release its blocks."""
         req.status = status
         req.finished_time = time.monotonic()
+        if req.request_id in self.loading:
+            return  # a load is writing into its blocks: freed when the load reports back
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        if self.connector is not None and self.connector.on_request_finished(req, self.kv.block_ids(req.request_id)):
+            self.held[req.request_id] = req
+            return
         self.kv.free(req)

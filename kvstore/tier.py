@@ -24,6 +24,8 @@ from kvtier.kvstore.stats import StatsRecorder, TierStats
 class Tier(abc.ABC):
     #: short name reported in kv_sources and stats ("cpu", "lmdb", "redis", "grpc")
     name: str = "tier"
+    #: read bandwidth (bytes/s) assumed until reads have been measured; subclasses set theirs
+    nominal_read_bandwidth: float = 1e9
 
     def __init__(self, capacity_bytes: int):
         if capacity_bytes <= 0:
@@ -57,8 +59,10 @@ class Tier(abc.ABC):
     def close(self) -> None:
         """Release connections, threads and files; the tier is unusable afterwards."""
 
-    # Measured throughput, for the load-or-recompute decision (issue 4).
-    def read_bandwidth(self) -> float | None:
-        """Bytes per second observed by get(), or None before any read."""
+    def read_bandwidth(self) -> float:
+        """Bytes/s observed by get() (latency included), for the load-or-recompute decision;
+        the tier's nominal figure until enough has been read to measure."""
         s = self._stats.snapshot()
-        return s.bytes_read / s.read_seconds if s.read_seconds > 0 else None
+        if s.read_seconds <= 0 or s.bytes_read < (1 << 20):
+            return self.nominal_read_bandwidth
+        return s.bytes_read / s.read_seconds

@@ -24,10 +24,12 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
 
 
 def gather_kv(kv_layer: torch.Tensor, seq: SeqAttention) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of one sequence's whole context, `[ctx_len, kv_heads, head_dim]` each."""
-    blocks = kv_layer[seq.block_table]  # [n, 2, block_size, kvh, d]
-    k = blocks[:, 0].reshape(-1, *blocks.shape[-2:])[: seq.ctx_len]
-    v = blocks[:, 1].reshape(-1, *blocks.shape[-2:])[: seq.ctx_len]
+    """K and V of one sequence's whole context, `[ctx_len, kv_heads, head_dim]` each.
+
+    K and V are gathered separately through strided views, so each is copied exactly once.
+    """
+    k = kv_layer[:, 0][seq.block_table].flatten(0, 1)[: seq.ctx_len]
+    v = kv_layer[:, 1][seq.block_table].flatten(0, 1)[: seq.ctx_len]
     return k, v
 
 
@@ -87,15 +89,21 @@ def sdpa_attention(
         )
         out[rows] = o[0].transpose(0, 1)
     if meta.decode is not None:
-        d = meta.decode
-        blocks = kv_layer[d.block_tables]  # [B, nb, 2, bs, kvh, d]
-        bsz, nb, _, bs, kvh, hd = blocks.shape
-        kb = blocks[:, :, 0].reshape(bsz, nb * bs, kvh, hd).transpose(1, 2).to(q.dtype)
-        vb = blocks[:, :, 1].reshape(bsz, nb * bs, kvh, hd).transpose(1, 2).to(q.dtype)
-        qb = q[d.rows].unsqueeze(2)  # [B, heads, 1, d]
-        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=d.valid, scale=scale, enable_gqa=True)
-        out[d.rows] = o.squeeze(2)
+        out[meta.decode.rows] = _batched_decode(q[meta.decode.rows], kv_layer, meta.decode, scale)
     return out
+
+
+def _batched_decode(q: torch.Tensor, kv_layer: torch.Tensor, d, scale: float) -> torch.Tensor:
+    """One new token per sequence: q [B, heads, d] over padded, masked contexts."""
+    bsz, heads, hd = q.shape
+    kvh = kv_layer.shape[-2]
+    keys = kv_layer[:, 0][d.block_tables].flatten(1, 2).transpose(1, 2)  # [B, kvh, L, d]
+    values = kv_layer[:, 1][d.block_tables].flatten(1, 2).transpose(1, 2)
+    # The query heads sharing one KV head become that head's rows: plain attention, no GQA
+    # expansion of K/V (about 2x faster than enable_gqa on the CPU).
+    qg = q.view(bsz, kvh, heads // kvh, hd)
+    o = F.scaled_dot_product_attention(qg, keys.to(q.dtype), values.to(q.dtype), attn_mask=d.valid, scale=scale)
+    return o.reshape(bsz, heads, hd)
 
 
 class PagedAttention(torch.nn.Module):

@@ -1,0 +1,135 @@
+"""The KV connector interface (DESIGN.md §4), modelled on vLLM's KVConnectorBase_V1.
+
+A connector moves KV blocks between the engine's device pool and somewhere else. It has two
+halves so the worker half could later live in another process:
+
+scheduler side (called by the Scheduler only)
+    lookup(request, num_device_tokens) -> tokens loadable beyond the device hit (no side effects)
+    on_allocated(request, block_ids, num_external_tokens) -> the device blocks to load into
+    build_metadata() -> ConnectorMetadata for this step (loads to start, blocks to save)
+    on_request_finished(request, block_ids) -> True to hold the blocks until a save completes
+    on_output(ConnectorOutput) -> completion reports from the worker side
+worker side (called around the forward pass)
+    register_kv_caches(pool), start_load(meta) (before the forward), wait_for_layer(i)
+    (optional, layer-pipelined loads), save(meta) (after the forward), get_finished()
+
+Loads are asynchronous: a request whose prefix is being loaded waits in WAITING_FOR_KV
+while other requests keep running. A failed block truncates the reused prefix to the
+blocks before it; the engine recomputes the rest. A request never runs on wrong KV.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtier.engine.request import Request
+from kvtier.kvstore.keys import BlockKey
+from kvtier.kvstore.tier_spec import BlockLayout
+
+
+@dataclass(frozen=True)
+class ConnectorContext:
+    """What a connector learns about the engine when it is built."""
+
+    namespace: bytes  # model namespace digest (engine/block_hash.model_namespace)
+    layout: BlockLayout  # one stored block: [num_layers, 2, block_size, kv_heads, head_dim]
+    block_size: int
+    # Measured prefill speed (tokens/s), or None before the engine has measured it.
+    prefill_tokens_per_s: callable = lambda: None
+
+    def key(self, block_hash: bytes, group: int = 0) -> BlockKey:
+        return BlockKey(self.namespace, block_hash, group)
+
+
+@dataclass
+class LoadSpec:
+    request_id: str
+    block_ids: list[int]  # device blocks to fill, in prefix order
+    keys: list[BlockKey]
+    sources: list[int] = field(default_factory=list)  # connector-private: where each block lives
+
+
+@dataclass
+class SaveSpec:
+    block_ids: list[int]
+    keys: list[BlockKey]
+
+
+@dataclass
+class ConnectorMetadata:
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)  # after the forward: freshly computed blocks
+    # Before the forward: cached blocks about to be overwritten (write-back policy).
+    saves_before_forward: list[SaveSpec] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.loads or self.saves or self.saves_before_forward)
+
+
+@dataclass
+class LoadResult:
+    num_blocks_ok: int  # leading blocks loaded intact; the rest must be recomputed
+    num_blocks: int
+    # Where the loaded blocks came from, e.g. {"cpu": 12, "lmdb": 3} (in tokens).
+    sources: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ConnectorOutput:
+    finished_loads: dict[str, LoadResult] = field(default_factory=dict)
+    finished_saves: set[str] = field(default_factory=set)  # request ids whose held blocks are saved
+
+
+class KVConnector:
+    """Base class with no-op defaults: a connector overrides what it supports."""
+
+    def __init__(self, config: dict, context: ConnectorContext):
+        self.config = dict(config or {})
+        self.context = context
+
+    # ---- scheduler side ------------------------------------------------------------
+    def lookup(self, request: Request, num_device_tokens: int) -> int:
+        return 0
+
+    def on_allocated(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
+        pass
+
+    def request_blocks_saved(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
+        """Blocks computed this step that became full; saved after the forward."""
+
+    def blocks_evicted(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
+        """Cached device blocks about to be reused this step (before the forward)."""
+
+    def build_metadata(self) -> ConnectorMetadata:
+        return ConnectorMetadata()
+
+    def on_request_finished(self, request: Request, block_ids: list[int]) -> bool:
+        return False
+
+    def on_output(self, output: ConnectorOutput) -> None:
+        pass
+
+    # ---- worker side ---------------------------------------------------------------
+    def register_kv_caches(self, kv_pool: torch.Tensor) -> None:
+        self.kv_pool = kv_pool
+
+    def start_load(self, meta: ConnectorMetadata) -> None:
+        pass
+
+    def wait_for_layer(self, layer_idx: int) -> None:
+        pass
+
+    def save(self, meta: ConnectorMetadata) -> None:
+        pass
+
+    def get_finished(self, wait: bool = False) -> ConnectorOutput:
+        """Completed loads/saves; with wait=True block until at least one pending load ends."""
+        return ConnectorOutput()
+
+    def stats(self) -> dict[str, dict]:
+        return {}
+
+    def close(self) -> None:
+        pass

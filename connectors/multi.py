@@ -1,0 +1,119 @@
+"""MultiConnector: loads from the child with the longest prefix (the first on ties), saves to all.
+
+Config: {"connectors": [{"name": "tiered", "config": {...}}, {"name": "pkg.mod:Cls"}, ...]}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvtier.connectors.base import ConnectorContext, ConnectorMetadata, ConnectorOutput, KVConnector
+from kvtier.engine.request import Request
+
+
+@dataclass
+class MultiMetadata(ConnectorMetadata):
+    per_child: list[ConnectorMetadata] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return all(m.empty for m in self.per_child)
+
+
+class MultiConnector(KVConnector):
+    def __init__(self, config: dict, context: ConnectorContext):
+        super().__init__(config, context)
+        from kvtier.connectors.registry import build_connector
+
+        entries = self.config.get("connectors")
+        if not entries or not isinstance(entries, list):
+            raise ValueError("kv_connector_config: 'connectors' must be a non-empty list of {name, config}")
+        self.children: list[KVConnector] = []
+        for entry in entries:
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise ValueError(f"kv_connector_config: each connector needs a 'name', got {entry!r}")
+            self.children.append(build_connector(entry["name"], entry.get("config"), context))
+        self._chosen: dict[str, int] = {}
+        self._holding: dict[str, set[int]] = {}
+
+    def lookup(self, request: Request, num_device_tokens: int) -> int:
+        best, best_child = 0, None
+        for i, child in enumerate(self.children):
+            n = child.lookup(request, num_device_tokens)
+            if n > best:
+                best, best_child = n, i
+        if best_child is not None:
+            self._chosen[request.request_id] = best_child
+        return best
+
+    def on_allocated(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
+        child = self._chosen.pop(request.request_id)
+        self.children[child].on_allocated(request, block_ids, num_external_tokens)
+
+    def request_blocks_saved(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
+        for child in self.children:
+            child.request_blocks_saved(block_ids, block_hashes)
+
+    def blocks_evicted(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
+        for child in self.children:
+            child.blocks_evicted(block_ids, block_hashes)
+
+    def build_metadata(self) -> ConnectorMetadata:
+        self._chosen.clear()
+        return MultiMetadata(per_child=[c.build_metadata() for c in self.children])
+
+    def on_request_finished(self, request: Request, block_ids: list[int]) -> bool:
+        holders = {i for i, c in enumerate(self.children) if c.on_request_finished(request, block_ids)}
+        if holders:
+            self._holding[request.request_id] = holders
+        return bool(holders)
+
+    def on_output(self, output: ConnectorOutput) -> None:
+        for child in self.children:
+            child.on_output(output)
+
+    def register_kv_caches(self, kv_pool) -> None:
+        super().register_kv_caches(kv_pool)
+        for child in self.children:
+            child.register_kv_caches(kv_pool)
+
+    def start_load(self, meta: MultiMetadata) -> None:
+        for child, m in zip(self.children, meta.per_child):
+            child.start_load(m)
+
+    def wait_for_layer(self, layer_idx: int) -> None:
+        for child in self.children:
+            child.wait_for_layer(layer_idx)
+
+    def save(self, meta: MultiMetadata) -> None:
+        for child, m in zip(self.children, meta.per_child):
+            child.save(m)
+
+    def get_finished(self, wait: bool = False) -> ConnectorOutput:
+        merged = ConnectorOutput()
+        # Only one child loads any given request, so waiting on each in turn is bounded.
+        for child in self.children:
+            out = child.get_finished(wait=wait and not merged.finished_loads)
+            merged.finished_loads.update(out.finished_loads)
+            for rid in out.finished_saves:
+                self._release(rid, child, merged)
+        return merged
+
+    def _release(self, rid: str, child: KVConnector, merged: ConnectorOutput) -> None:
+        holders = self._holding.get(rid)
+        if holders is None:
+            return
+        holders.discard(self.children.index(child))
+        if not holders:
+            del self._holding[rid]
+            merged.finished_saves.add(rid)
+
+    def stats(self) -> dict[str, dict]:
+        out = {}
+        for i, child in enumerate(self.children):
+            for name, s in child.stats().items():
+                out[f"{i}:{name}"] = s
+        return out
+
+    def close(self) -> None:
+        for child in self.children:
+            child.close()

@@ -1,0 +1,167 @@
+"""The built-in connector: device pool <-> a TierHierarchy (cpu -> lmdb -> redis|grpc).
+
+Config (`kv_connector_config`, or built from `kv_tiers`):
+    tiers: list of tier specs ("cpu:4GiB", "lmdb:/path?size=8GiB", ...) or Tier objects
+    write_policy: "write-through" (default) or "write-back"
+    load_or_recompute: True (default): load a prefix from a slow tier only where that beats
+        recomputing it, judged from each tier's measured bandwidth and the engine's
+        measured prefill speed.
+Loads run on a background thread into blocks the scheduler reserved for a WAITING_FOR_KV
+request, so the engine loop keeps stepping other requests meanwhile.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import torch
+
+from kvtier.connectors.base import (
+    ConnectorContext,
+    ConnectorMetadata,
+    ConnectorOutput,
+    KVConnector,
+    LoadResult,
+    LoadSpec,
+    SaveSpec,
+)
+from kvtier.engine.request import Request
+from kvtier.kvstore.hierarchy import TierHierarchy
+from kvtier.kvstore.tier import Tier
+from kvtier.kvstore.tier_spec import build_tier
+
+_POLICIES = ("write-through", "write-back")
+
+
+def plan_prefix_load(block_costs: list[float], recompute_cost: float) -> int:
+    """Blocks worth loading: the prefix length n minimising load(0..n) + recompute(n..).
+
+    block_costs[i] is the seconds to load block i; recomputing any block costs
+    recompute_cost. Loading can stop early: a slow tail is recomputed instead.
+    """
+    best_n, best_gain, gain = 0, 0.0, 0.0
+    for i, cost in enumerate(block_costs):
+        gain += recompute_cost - cost
+        if gain > best_gain:
+            best_n, best_gain = i + 1, gain
+    return best_n
+
+
+class TieredConnector(KVConnector):
+    def __init__(self, config: dict, context: ConnectorContext):
+        super().__init__(config, context)
+        unknown = set(self.config) - {"tiers", "write_policy", "load_or_recompute"}
+        if unknown:
+            raise ValueError(f"kv_connector_config: unknown key(s) {', '.join(sorted(unknown))}")
+        specs = self.config.get("tiers")
+        if not specs or not isinstance(specs, (list, tuple)):
+            raise ValueError("kv_connector_config: 'tiers' must be a non-empty list, e.g. ['cpu:4GiB']")
+        self.write_policy = self.config.get("write_policy", "write-through")
+        if self.write_policy not in _POLICIES:
+            raise ValueError(f"kv_connector_config: write_policy must be one of {', '.join(_POLICIES)}")
+        self.load_or_recompute = bool(self.config.get("load_or_recompute", True))
+        tiers = []
+        try:
+            for spec in specs:
+                tiers.append(spec if isinstance(spec, Tier) else build_tier(spec, context.layout))
+        except Exception:
+            for t in tiers:
+                t.close()
+            raise
+        self.hierarchy = TierHierarchy(tiers, write_policy=self.write_policy)
+        self._lookups: dict[str, tuple[list, list[int]]] = {}
+        self._meta = ConnectorMetadata()
+        self._loader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
+        self._loads: dict[str, cf.Future] = {}
+
+    # ---- scheduler side ------------------------------------------------------------
+    def lookup(self, request: Request, num_device_tokens: int) -> int:
+        bs = self.context.block_size
+        first = num_device_tokens // bs
+        last = (request.num_tokens - 1) // bs  # always leave one token to compute
+        if last <= first:
+            return 0
+        keys = [self.context.key(h) for h in request.block_hashes[first:last]]
+        locations = self.hierarchy.lookup(keys)
+        n = self._blocks_worth_loading(locations)
+        self._lookups[request.request_id] = (keys[:n], locations[:n])
+        return n * bs
+
+    def _blocks_worth_loading(self, locations: list[int]) -> int:
+        speed = self.context.prefill_tokens_per_s()
+        if not self.load_or_recompute or not speed or not locations:
+            return len(locations)
+        nbytes = self.context.layout.nbytes
+        bandwidth = [t.read_bandwidth() for t in self.hierarchy.tiers]
+        costs = [nbytes / bandwidth[loc] for loc in locations]
+        return plan_prefix_load(costs, self.context.block_size / speed)
+
+    def on_allocated(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
+        keys, locations = self._lookups.pop(request.request_id)
+        n = num_external_tokens // self.context.block_size
+        self._meta.loads.append(LoadSpec(request.request_id, block_ids[:n], keys[:n], locations[:n]))
+
+    def request_blocks_saved(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
+        if self.write_policy == "write-through" and block_ids:
+            self._meta.saves.append(SaveSpec(block_ids, [self.context.key(h) for h in block_hashes]))
+
+    def blocks_evicted(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
+        if self.write_policy == "write-back" and block_ids:
+            keys = [self.context.key(h) for h in block_hashes]
+            self._meta.saves_before_forward.append(SaveSpec(block_ids, keys))
+
+    def build_metadata(self) -> ConnectorMetadata:
+        meta, self._meta = self._meta, ConnectorMetadata()
+        self._lookups.clear()  # lookups not followed by an allocation this step are stale
+        return meta
+
+    # ---- worker side ---------------------------------------------------------------
+    def start_load(self, meta: ConnectorMetadata) -> None:
+        # Evicted blocks are copied out first: this step's loads and forward reuse them.
+        for spec in meta.saves_before_forward:
+            self._store(spec)
+        for spec in meta.loads:
+            self._loads[spec.request_id] = self._loader.submit(self._load, spec)
+
+    def _load(self, spec: LoadSpec) -> LoadResult:
+        into = [self.kv_pool[b] for b in spec.block_ids]
+        ok = self.hierarchy.load(spec.keys, into, spec.sources)
+        n_ok = next((i for i, good in enumerate(ok) if not good), len(ok))
+        sources: dict[str, int] = {}
+        for loc in spec.sources[:n_ok]:
+            name = self.hierarchy.names[loc]
+            sources[name] = sources.get(name, 0) + self.context.block_size
+        return LoadResult(n_ok, len(ok), sources)
+
+    def save(self, meta: ConnectorMetadata) -> None:
+        for spec in meta.saves:
+            self._store(spec)
+
+    def _store(self, spec: SaveSpec) -> None:
+        if self.kv_pool.device.type == "cpu":
+            blocks = [self.kv_pool[b] for b in spec.block_ids]  # the hierarchy copies what it keeps
+        else:
+            index = torch.tensor(spec.block_ids, device=self.kv_pool.device)
+            blocks = list(self.kv_pool.index_select(0, index).cpu().unbind(0))
+        self.hierarchy.store(spec.keys, blocks)
+
+    def get_finished(self, wait: bool = False) -> ConnectorOutput:
+        if wait and self._loads:
+            cf.wait(list(self._loads.values()), return_when=cf.FIRST_COMPLETED)
+        out = ConnectorOutput()
+        for rid in [r for r, f in self._loads.items() if f.done()]:
+            future = self._loads.pop(rid)
+            try:
+                out.finished_loads[rid] = future.result()
+            except Exception:  # a tier bug must not kill the request: recompute everything
+                out.finished_loads[rid] = LoadResult(0, 0, {})
+        return out
+
+    def stats(self) -> dict[str, dict]:
+        return {name: s.as_dict() for name, s in self.hierarchy.stats().items()}
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return self.hierarchy.flush(timeout)
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=True)
+        self.hierarchy.close()
