@@ -33,10 +33,39 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=_size_arg, default=None, help="device KV pool size, e.g. 512MiB")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--seed", type=int, default=0)
+    t = p.add_argument_group("KV tiers")
+    t.add_argument(
+        "--kv-tier",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="KV tier below the device pool, fastest first (repeatable): cpu:4GiB, "
+        "lmdb:PATH?size=64GiB, redis://host:port/0?ttl=3600, grpc://host:port",
+    )
+    t.add_argument("--no-kv-tiers", action="store_true", help="no tiers at all (not even the defaults)")
+    t.add_argument("--kv-write-policy", choices=["write-through", "write-back"], default="write-through")
+
+
+def default_kv_tiers() -> list[str]:
+    """Embedded default: a CPU tier and a persistent LMDB tier under the user's cache dir."""
+    from kvtier.engine.demo import cache_dir
+
+    return ["cpu:1GiB", f"lmdb:{cache_dir() / 'kv-lmdb'}?size=8GiB"]
+
+
+def kv_tiers(args: argparse.Namespace) -> list[str] | None:
+    if args.no_kv_tiers:
+        if args.kv_tier:
+            raise ValueError("--no-kv-tiers and --kv-tier contradict each other")
+        return None
+    return args.kv_tier or default_kv_tiers()
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
+    tiers = kv_tiers(args)
     return dict(
+        kv_tiers=tiers,
+        kv_connector_config={"write_policy": args.kv_write_policy} if tiers else None,
         dtype=args.dtype,
         device=args.device,
         block_size=args.block_size,
@@ -74,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="multi-turn conversation on a built-in model, showing KV reuse")
     d.add_argument("--model", default=None, help="model directory (default: a cached random 'small' model)")
-    d.add_argument("--turns", type=int, default=5)
+    d.add_argument("--turns", type=int, default=4)
+    d.add_argument("--users", type=int, default=3, help="conversations interleaved turn by turn")
     d.add_argument("--max-tokens", type=int, default=32)
     _add_engine_flags(d)
     return parser
@@ -93,13 +123,14 @@ def _run_generate(args) -> int:
         max_tokens=args.max_tokens,
         stop=args.stop,
     )
-    llm = LLM(args.model, **engine_kwargs(args))
-    for out in llm.generate(args.prompt, params, use_tqdm=False):
+    with LLM(args.model, **engine_kwargs(args)) as llm:
+        outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    for out in outputs:
         c = out.outputs[0]
         if args.json:
             print(json.dumps({"prompt": out.prompt, "text": c.text, "token_ids": c.token_ids,
                               "finish_reason": c.finish_reason, "num_cached_tokens": out.num_cached_tokens,
-                              "error": out.error}))
+                              "kv_sources": out.kv_sources, "error": out.error}))
         elif out.error:
             print(f"error: {out.error}", file=sys.stderr)
         else:

@@ -22,6 +22,9 @@ _USER_TURNS = [
 ]
 
 
+_DEMO_DEVICE_POOL = 10 << 20  # with the demo model: about one conversation, not all of them
+
+
 def cache_dir() -> Path:
     """$KVTIER_CACHE_DIR, else $XDG_CACHE_HOME/kvtier, else ~/.cache/kvtier."""
     explicit = os.environ.get("KVTIER_CACHE_DIR")
@@ -52,32 +55,51 @@ def ensure_demo_model(root: Path) -> Path:
 
 def run_demo(args, engine_kwargs: dict) -> int:
     from kvtier.engine.llm import LLM
-    from kvtier.engine.sampling_params import SamplingParams
 
-    if args.turns < 1 or args.turns > len(_USER_TURNS):
+    if not 1 <= args.turns <= len(_USER_TURNS):
         raise ValueError(f"--turns: must be between 1 and {len(_USER_TURNS)}")
+    if args.users < 1:
+        raise ValueError("--users: must be positive")
     if args.max_tokens < 1:
         raise ValueError("--max-tokens: must be positive")
     model = args.model or str(ensure_demo_model(cache_dir()))
+    # A device pool smaller than all conversations together, so older ones leave the device
+    # between turns and come back from the tiers below.
+    kwargs = dict(engine_kwargs)
+    if kwargs.get("kv_cache_memory_bytes") is None and args.model is None:
+        kwargs["kv_cache_memory_bytes"] = _DEMO_DEVICE_POOL
     print(f"model: {model}")
-    llm = LLM(model, **engine_kwargs)
+    print(f"device KV pool: {kwargs['kv_cache_memory_bytes'] / 2**20:.0f} MiB; "
+          f"tiers: {', '.join(kwargs.get('kv_tiers') or ['none'])}")
+    with LLM(model, **kwargs) as llm:
+        _converse(llm, args)
+    return 0
+
+
+def _converse(llm, args) -> None:
+    from kvtier.engine.sampling_params import SamplingParams
+
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    history = llm.tokenizer.encode(_SYSTEM)
+    system = llm.tokenizer.encode(_SYSTEM)
+    histories = [list(system) for _ in range(args.users)]
     total_prompt = total_reused = 0
     for turn in range(args.turns):
-        # The conversation grows by token ids, so each turn's prompt extends the last one exactly.
-        history = history + llm.tokenizer.encode("\nUser: " + _USER_TURNS[turn] + "\nAssistant:")
-        out = llm.generate({"prompt_token_ids": history}, params, use_tqdm=False)[0]
-        if out.error:
-            raise ValueError(out.error)
-        n, reused = len(history), out.num_cached_tokens
-        total_prompt += n
-        total_reused += reused
-        ttft_ms = out.metrics.ttft * 1000
-        print(
-            f"turn {turn + 1}: prompt {n:5d} tokens | reused {reused:5d} ({100 * reused / n:5.1f}%) "
-            f"| computed {n - reused:5d} | sources {out.kv_sources} | TTFT {ttft_ms:8.1f} ms"
-        )
-        history = history + out.outputs[0].token_ids
+        for user, history in enumerate(histories):
+            # Conversations grow by token ids, so each prompt extends that user's last one exactly.
+            question = _USER_TURNS[(turn + user) % len(_USER_TURNS)]
+            history += llm.tokenizer.encode(f"\nUser {user + 1}: {question}\nAssistant:")
+            out = llm.generate({"prompt_token_ids": history}, params, use_tqdm=False)[0]
+            if out.error:
+                raise ValueError(out.error)
+            n, reused = len(history), out.num_cached_tokens
+            total_prompt += n
+            total_reused += reused
+            sources = ", ".join(f"{k} {v}" for k, v in out.kv_sources.items() if v)
+            print(f"turn {turn + 1} user {user + 1}: prompt {n:5d} tokens, reused {100 * reused / n:5.1f}% "
+                  f"({sources}) | TTFT {out.metrics.ttft * 1000:7.1f} ms")
+            history += out.outputs[0].token_ids
     print(f"total: {total_reused} of {total_prompt} prompt tokens reused ({100 * total_reused / total_prompt:.1f}%)")
-    return 0
+    for tier, stats in llm.kv_stats().items():
+        if tier != "device":
+            print(f"tier {tier}: {stats['hits']} block hits, {stats['puts']} blocks stored, "
+                  f"{stats['used_bytes'] / 2**20:.1f} MiB used, {stats['errors']} errors")
