@@ -35,8 +35,8 @@ class AttentionMetadata:
     slot_blocks: torch.Tensor  # [T] block that receives each new token's KV
     slot_offsets: torch.Tensor  # [T] offset inside that block
     seqs: list[SeqAttention]
-    decode: DecodeBatch | None  # filled only for the batched fast path
-    prefill_seqs: list[SeqAttention]  # seqs not covered by `decode`
+    decodes: list[DecodeBatch]  # single-token sequences, bucketed by context length
+    prefill_seqs: list[SeqAttention]  # seqs not covered by `decodes`
     block_size: int
 
 
@@ -63,21 +63,39 @@ def build_attention_metadata(
         seqs.append(SeqAttention(q_start, num_new, ctx_len, table))
         q_start += num_new
 
-    decode = None
+    decodes = []
     prefill_seqs = seqs
     if batch_decodes:
         decode_seqs = [s for s in seqs if s.q_len == 1]
         if len(decode_seqs) > 1:
             prefill_seqs = [s for s in seqs if s.q_len != 1]
-            decode = _build_decode_batch(decode_seqs, block_size, device)
+            decodes = [_build_decode_batch(b, block_size, device) for b in bucket_by_length(decode_seqs)]
     return AttentionMetadata(
         slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=device),
         slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
         seqs=seqs,
-        decode=decode,
+        decodes=decodes,
         prefill_seqs=prefill_seqs,
         block_size=block_size,
     )
+
+
+def bucket_by_length(seqs: list[SeqAttention]) -> list[list[SeqAttention]]:
+    """Group decodes of similar length: a batch pads every context to its longest, so one
+    batch over 30- and 1000-token contexts would gather and attend mostly padding. A new
+    bucket costs one more kernel launch per layer, so it opens only when the padding saved
+    exceeds max(8 blocks, a quarter of the bucket's longest context)."""
+    ordered = sorted(seqs, key=lambda s: len(s.block_table), reverse=True)
+    buckets: list[list[SeqAttention]] = []
+    longest = 0
+    for s in ordered:
+        n = len(s.block_table)
+        if buckets and longest - n <= max(8, longest // 4):
+            buckets[-1].append(s)
+        else:
+            buckets.append([s])
+            longest = n
+    return buckets
 
 
 def _build_decode_batch(seqs: list[SeqAttention], block_size: int, device: torch.device) -> DecodeBatch:

@@ -70,7 +70,7 @@ def run_schedule(model, cfg, seqs, schedule, backend: str) -> tuple[list[torch.T
             pos.append(torch.arange(done[i], done[i] + n))
             specs.append((done[i], n, tables[i]))
         meta = build_attention_metadata(specs, BLOCK, torch.device("cpu"))
-        used_decode_batch |= meta.decode is not None
+        used_decode_batch |= bool(meta.decodes)
         with torch.inference_mode():
             logits = model.compute_logits(model(torch.cat(ids), torch.cat(pos), meta))
         row = 0

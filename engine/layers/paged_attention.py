@@ -7,7 +7,7 @@ Two implementations share one interface:
 - `reference_attention`: per sequence, gather by block table, explicit causal mask with
   offset, float32 softmax. Slow and obviously correct; the oracle for every faster path.
 - `sdpa_attention`: torch's scaled_dot_product_attention; prompts that start at position 0
-  attend over their fresh K/V without touching the pool, decodes run as one padded batch.
+  attend over their fresh K/V without touching the pool, decodes run as padded batches of similar lengths.
 """
 from __future__ import annotations
 
@@ -88,8 +88,8 @@ def sdpa_attention(
             enable_gqa=True,
         )
         out[rows] = o[0].transpose(0, 1)
-    if meta.decode is not None:
-        out[meta.decode.rows] = _batched_decode(q[meta.decode.rows], kv_layer, meta.decode, scale)
+    for d in meta.decodes:
+        out[d.rows] = _batched_decode(q[d.rows], kv_layer, d, scale)
     return out
 
 
