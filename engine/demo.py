@@ -68,10 +68,11 @@ def run_demo(args, engine_kwargs: dict) -> int:
     kwargs = dict(engine_kwargs)
     if kwargs.get("kv_cache_memory_bytes") is None and args.model is None:
         kwargs["kv_cache_memory_bytes"] = _DEMO_DEVICE_POOL
-    print(f"model: {model}")
-    print(f"device KV pool: {kwargs['kv_cache_memory_bytes'] / 2**20:.0f} MiB; "
-          f"tiers: {', '.join(kwargs.get('kv_tiers') or ['none'])}")
     with LLM(model, **kwargs) as llm:
+        pool = llm.engine.kv_pool
+        print(f"model: {model}")
+        print(f"device KV pool: {pool.numel() * pool.element_size() / 2**20:.1f} MiB; "
+              f"tiers: {', '.join(kwargs.get('kv_tiers') or ['none'])}")
         _converse(llm, args)
     return 0
 
