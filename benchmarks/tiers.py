@@ -1,11 +1,12 @@
-"""Tier throughput: each tier's batched put/get against a raw torch copy of the same bytes.
+"""Tier throughput: each tier's batched put/get against its raw reference on the same bytes
+(cpu: a torch copy; lmdb: raw py-lmdb; redis: raw redis-py pipelines).
 
 Blocks have the page-first shape of the `small` Llama model (block_size 16, float32). Each
 tier kind has one function returning rows; every row measures the tier and its raw
 reference side by side in the same run, alternating, and reports medians over repeats and
 the median of the per-repeat ratios tier/raw (these machines are noisy). Prints JSON.
 
-    python benchmarks/tiers.py [--tiers cpu] [--batch 64] [--repeats 15] [--device auto] [--out f.json]
+    python benchmarks/tiers.py [--tiers cpu,lmdb,redis] [--batch 64] [--repeats 15] [--device auto] [--out f.json]
 """
 from __future__ import annotations
 
@@ -108,8 +109,30 @@ def bench_cpu(args, layout: BlockLayout, device: torch.device) -> list[dict]:
     return [_row("cpu", "put", device, batch, layout, put_t, put_r), _row("cpu", "get", device, batch, layout, get_t, get_r)]
 
 
-# Other tier kinds (lmdb, redis, grpc) add a function here with the same signature.
-TIER_BENCHES = {"cpu": bench_cpu}
+def bench_lmdb(args, layout: BlockLayout, device: torch.device) -> list[dict]:
+    """LmdbTier vs raw py-lmdb (benchmarks/tiers_lmdb_redis.py; imported lazily: a sibling
+    module, found because this script's folder is first on sys.path)."""
+    from tiers_lmdb_redis import bench_lmdb as run
+
+    return run(args, layout, device)
+
+
+def bench_redis(args, layout: BlockLayout, device: torch.device) -> list[dict]:
+    """RedisTier vs raw redis-py pipelines (benchmarks/tiers_lmdb_redis.py)."""
+    from tiers_lmdb_redis import bench_redis as run
+
+    return run(args, layout, device)
+
+
+def bench_grpc(args, layout: BlockLayout, device: torch.device) -> list[dict]:
+    """GrpcTier vs a raw gRPC client, then GrpcTier vs RedisTier on 256 KiB-4 MiB values with
+    1 and 8 clients (benchmarks/tiers_grpc.py)."""
+    from tiers_grpc import bench_grpc as run
+
+    return run(args, layout, device)
+
+
+TIER_BENCHES = {"cpu": bench_cpu, "lmdb": bench_lmdb, "redis": bench_redis, "grpc": bench_grpc}
 
 
 def bench_ttft(args, layout: BlockLayout, device: torch.device) -> list[dict]:
@@ -127,6 +150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model-size", default="small")
     ap.add_argument("--device", default="auto", help="where the block pool lives: auto, cpu, cuda")
     ap.add_argument("--ttft", action="store_true", help="add TTFT rows (recompute vs load)")
+    ap.add_argument("--lmdb-dir", default=None, help="lmdb: parent folder for the scratch environments")
+    ap.add_argument("--redis-url", default=None, help="redis: use this server (default: start a private one)")
+    ap.add_argument("--compare-repeats", type=int, default=7, help="grpc: repeats of each grpc-vs-redis row")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     kinds = [k.strip() for k in args.tiers.split(",") if k.strip()]

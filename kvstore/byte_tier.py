@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvtier.kvstore.codec import Codec, CorruptBlock, decode_block, encode_block, get_codec
+from kvtier.kvstore.codec import Codec, CorruptBlock, decode_into, encode_block, get_codec, key_digest
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.tier import Tier
 
@@ -75,11 +75,7 @@ class ByteStoreTier(Tier):
                 ok.append(False)
                 continue
             try:
-                block = decode_block(value, key)
-                if block.shape != dst.shape:
-                    raise CorruptBlock(f"stored shape {tuple(block.shape)} != {tuple(dst.shape)}")
-                dst.copy_(block)
-                nbytes += len(value)
+                nbytes += decode_into(value, key_digest(key), dst)
                 ok.append(True)
             except CorruptBlock:
                 corrupt.append(raw)

