@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--size", choices=["tiny", "small"], default="small")
     m.add_argument("--seed", type=int, default=0)
 
+    from kvtier.kvstore.kv_server_main import add_kv_server_parser
+
+    add_kv_server_parser(sub)
+
     d = sub.add_parser("demo", help="multi-turn conversation on a built-in model, showing KV reuse")
     d.add_argument("--model", default=None, help="model directory (default: a cached random 'small' model)")
     d.add_argument("--turns", type=int, default=4)
@@ -144,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _run_generate(args)
+        if args.command == "kv-server":
+            from kvtier.kvstore.kv_server_main import run_kv_server
+
+            return run_kv_server(args)
         if args.command == "make-model":
             from kvtier.engine.make_model import make_model
 

@@ -1,6 +1,6 @@
-"""LMDB and Redis tiers under the whole engine: same tokens as without tiers, hits reported
-in kv_sources, warm restart across processes, engines sharing one Redis, and faults (Redis
-killed mid-run or never there, corrupt LMDB values, a full LMDB map)."""
+"""LMDB, Redis and gRPC tiers under the whole engine: same tokens as without tiers, hits
+reported in kv_sources, warm restart across processes, engines sharing one store, and
+faults (a server killed mid-run or never there, corrupt LMDB values, a full LMDB map)."""
 import json
 import random
 import subprocess
@@ -10,6 +10,7 @@ import time
 
 import lmdb
 import pytest
+from grpc_server import KVServerProcess
 from hf_checkpoints import make_variant
 from redis_server import RedisServer
 
@@ -185,3 +186,41 @@ def test_full_lmdb_map_never_breaks_generation(model, tmp_path):
 def test_bad_tier_specs_fail_fast(model, spec, message):
     with pytest.raises(ValueError, match=message):
         LLM(model["path"], kv_tiers=[spec])
+
+
+class CliKVServer(KVServerProcess):
+    """The server as users start it: `kvtier kv-server`."""
+
+    command = [sys.executable, "-m", "kvtier", "kv-server"]
+
+
+def test_grpc_tier_through_the_engine_with_two_sharded_servers(model):
+    with CliKVServer("--capacity", "64MiB") as a, CliKVServer("--capacity", "64MiB") as b:
+        tier = f"grpc://{a.address},{b.address}"
+        with _engine(model, [tier]) as llm:
+            assert _tier_tokens(_run(llm, model), "grpc") == 0
+            llm.engine.connector.flush()
+        with _engine(model, [tier]) as llm:  # a fresh engine: its device knows nothing
+            outs = _run(llm, model)
+            stats = llm.kv_stats()["grpc"]
+        assert _tier_tokens(outs, "grpc") >= sum((n - 1) // 16 * 16 for n in LENGTHS)
+        assert stats["errors"] == 0
+
+
+def test_grpc_server_killed_mid_run(model):
+    server = KVServerProcess("--capacity", "64MiB")
+    try:
+        tier = f"grpc://{server.address}?timeout=0.5&cooldown=0.3"
+        with _engine(model, [tier]) as llm:
+            _run(llm, model)
+            llm.engine.connector.flush()
+            server.kill()
+            _run(llm, model)  # every request completes, on recompute
+            assert llm.kv_stats()["grpc"]["errors"] > 0
+            server.start()
+            time.sleep(0.4)
+            _run(llm, model)
+            llm.engine.connector.flush()
+            assert _tier_tokens(_run(llm, model), "grpc") > 0
+    finally:
+        server.kill()

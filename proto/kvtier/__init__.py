@@ -1,0 +1,1 @@
+"""Generated protobuf / gRPC stubs of the kvtier protocol (regenerate with proto/generate.py)."""
