@@ -28,8 +28,8 @@ def test_sdpa_matches_reference_with_bucketed_decodes():
     rng = random.Random(0)
     torch.manual_seed(0)
     specs = _random_step(rng)
-    pool = torch.randn(400, 1, 2, BS, KV_HEADS, HD)
-    kv_layer = pool[:, 0]
+    pool = torch.randn(400, 3, 2, BS, KV_HEADS, HD)  # 3 layers: the fast path must find layer 1's rows
+    kv_layer = pool[:, 1]
     meta = build_attention_metadata(specs, BS, torch.device("cpu"))
     assert len(meta.decodes) >= 3, "contexts from 3 to 1500 tokens must not share one padded batch"
     assert sum(len(d.rows) for d in meta.decodes) == 8
@@ -37,7 +37,7 @@ def test_sdpa_matches_reference_with_bucketed_decodes():
     q, k, v = torch.randn(t, HEADS, HD), torch.randn(t, KV_HEADS, HD), torch.randn(t, KV_HEADS, HD)
     write_kv(kv_layer, k, v, meta)
     ref = reference_attention(q, kv_layer, meta, HD**-0.5)
-    fast = sdpa_attention(q, k, v, kv_layer, meta, HD**-0.5)
+    fast = sdpa_attention(q, k, v, pool, 1, meta, HD**-0.5)
     torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
 
 

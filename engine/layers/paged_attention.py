@@ -63,11 +63,14 @@ def sdpa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kv_layer: torch.Tensor,
+    kv_pool: torch.Tensor,
+    layer_idx: int,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Same result as `reference_attention`; k/v are this step's fresh rows."""
+    num_layers = kv_pool.shape[1]
+    kv_rows = kv_pool.view(kv_pool.shape[0] * num_layers * 2, -1)
     out = torch.empty_like(q)
     for seq in meta.prefill_seqs:
         rows = slice(seq.q_start, seq.q_start + seq.q_len)
@@ -76,7 +79,8 @@ def sdpa_attention(
             ks, vs = k[rows], v[rows]
             mask, causal = None, True
         else:
-            ks, vs = gather_kv(kv_layer, seq)
+            kv = gather_rows(kv_rows, seq.block_table, layer_idx, num_layers).view(2, -1, *k.shape[1:])
+            ks, vs = kv[0, : seq.ctx_len], kv[1, : seq.ctx_len]
             mask, causal = _causal_mask(seq.q_len, seq.ctx_len, q.device), False
         o = F.scaled_dot_product_attention(
             qs,
@@ -89,20 +93,31 @@ def sdpa_attention(
         )
         out[rows] = o[0].transpose(0, 1)
     for d in meta.decodes:
-        out[d.rows] = _batched_decode(q[d.rows], kv_layer, d, scale)
+        kv = gather_rows(kv_rows, d.block_tables, layer_idx, num_layers)
+        out[d.rows] = _batched_decode(q[d.rows], kv, kv_pool.shape[-2], d, scale)
     return out
 
 
-def _batched_decode(q: torch.Tensor, kv_layer: torch.Tensor, d, scale: float) -> torch.Tensor:
-    """One new token per sequence: q [B, heads, d] over padded, masked contexts."""
+def gather_rows(kv_rows: torch.Tensor, block_ids: torch.Tensor, layer_idx: int, num_layers: int) -> torch.Tensor:
+    """K and V of `block_ids` for one layer, `[2, n, block_size * kv_heads * head_dim]`.
+
+    kv_rows is the pool viewed as one row per (block, layer, K|V): a single index_select
+    copies whole contiguous rows, about 1.6x faster on the CPU than advanced indexing
+    through strided layer views (benchmarks in the commit that introduced it).
+    """
+    base = block_ids.reshape(-1) * (2 * num_layers) + 2 * layer_idx
+    return kv_rows.index_select(0, torch.cat((base, base + 1))).view(2, base.numel(), -1)
+
+
+def _batched_decode(q: torch.Tensor, kv: torch.Tensor, kvh: int, d, scale: float) -> torch.Tensor:
+    """One new token per sequence: q [B, heads, d] over padded, masked contexts.
+    kv: this bucket's gathered K and V, `[2, B * max_blocks, block_size * kv_heads * d]`."""
     bsz, heads, hd = q.shape
-    kvh = kv_layer.shape[-2]
-    keys = kv_layer[:, 0][d.block_tables].flatten(1, 2).transpose(1, 2)  # [B, kvh, L, d]
-    values = kv_layer[:, 1][d.block_tables].flatten(1, 2).transpose(1, 2)
+    keys, values = kv.view(2, bsz, -1, kvh, hd).transpose(2, 3).to(q.dtype)  # [B, kvh, L, d] each
     # The query heads sharing one KV head become that head's rows: plain attention, no GQA
     # expansion of K/V (about 2x faster than enable_gqa on the CPU).
     qg = q.view(bsz, kvh, heads // kvh, hd)
-    o = F.scaled_dot_product_attention(qg, keys.to(q.dtype), values.to(q.dtype), attn_mask=d.valid, scale=scale)
+    o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=d.valid, scale=scale)
     return o.reshape(bsz, heads, hd)
 
 
@@ -117,7 +132,8 @@ class PagedAttention(torch.nn.Module):
         self.layer_idx = layer_idx
         self.scale = scale
         self.backend = "sdpa"
-        self.kv_layer: torch.Tensor | None = None  # bound by the model runner
+        self.kv_pool: torch.Tensor | None = None  # the whole page-first pool, bound by the engine
+        self.kv_layer: torch.Tensor | None = None  # this layer's view of it
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, heads, d]; k, v: [T, kv_heads, d] -> [T, heads, d]."""
@@ -126,7 +142,7 @@ class PagedAttention(torch.nn.Module):
         write_kv(self.kv_layer, k, v, meta)
         if self.backend == "reference":
             return reference_attention(q, self.kv_layer, meta, self.scale)
-        return sdpa_attention(q, k, v, self.kv_layer, meta, self.scale)
+        return sdpa_attention(q, k, v, self.kv_pool, self.layer_idx, meta, self.scale)
 
 
 def bind_kv_cache(model: torch.nn.Module, kv_pool: torch.Tensor, backend: str) -> None:
@@ -135,5 +151,6 @@ def bind_kv_cache(model: torch.nn.Module, kv_pool: torch.Tensor, backend: str) -
     if len(layers) != kv_pool.shape[1]:
         raise ValueError(f"pool has {kv_pool.shape[1]} layers but the model has {len(layers)}")
     for m in layers:
+        m.kv_pool = kv_pool
         m.kv_layer = kv_pool[:, m.layer_idx]
         m.backend = backend
