@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvtier.kvstore.codec import Codec, CorruptBlock, decode_into, encode_block, get_codec, key_digest
+from kvtier.kvstore.codec import Codec, CorruptBlock, decode_into, encode_parts, get_codec, key_digest
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.tier import Tier
 
@@ -42,6 +42,12 @@ class ByteStoreTier(Tier):
     @abc.abstractmethod
     def _remove(self, keys: list[bytes]) -> None:
         """Delete keys."""
+
+    def _write_parts(self, keys: list[bytes], parts: list[tuple[bytes, memoryview]]) -> None:
+        """Store values given as (header, payload) pairs; payloads may be views of the
+        caller's blocks, valid only during the call. Stores that can send both pieces back
+        to back override this to skip joining them."""
+        self._write(keys, [b"".join(p) for p in parts])
 
     # --- the Tier interface -----------------------------------------------------------
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
@@ -96,15 +102,14 @@ class ByteStoreTier(Tier):
         if not keys:
             return
         start = time.perf_counter()
-        values = [encode_block(k, b, self.codec) for k, b in zip(keys, blocks)]
+        parts = [encode_parts(k, b, self.codec) for k, b in zip(keys, blocks)]
         try:
-            self._write([k.to_bytes() for k in keys], values)
+            self._write_parts([k.to_bytes() for k in keys], parts)
         except StoreUnavailable:
             self._stats.add(errors=1, skipped_writes=len(keys))
             return
-        self._stats.add(
-            puts=len(keys), bytes_written=sum(len(v) for v in values), write_seconds=time.perf_counter() - start
-        )
+        nbytes = sum(len(h) + len(p) for h, p in parts)
+        self._stats.add(puts=len(keys), bytes_written=nbytes, write_seconds=time.perf_counter() - start)
 
     def delete(self, keys: Sequence[BlockKey]) -> None:
         self._drop([k.to_bytes() for k in keys])

@@ -33,6 +33,7 @@ HEADER_BYTES = _HEAD.size + _CHECKSUM.size
 
 DTYPE_IDS = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float8_e4m3fn: 4, torch.uint8: 5}
 _DTYPES = {v: k for k, v in DTYPE_IDS.items()}
+_NUMPY_NATIVE = (torch.float32, torch.float16, torch.uint8)
 
 
 class CorruptBlock(ValueError):
@@ -75,28 +76,43 @@ def get_codec(name: str) -> Codec:
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().contiguous().cpu()
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    """The tensor's bytes; a view, not a copy, for a contiguous CPU tensor (the usual case,
+    kept to two cheap calls because stores encode dozens of blocks per batch)."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.requires_grad:
+        t = t.detach().contiguous().cpu()
+    if t.dtype in _NUMPY_NATIVE:
+        return memoryview(t.numpy()).cast("B")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")  # bf16 / fp8: no numpy dtype
 
 
 def key_digest(key: BlockKey) -> bytes:
     return hashlib.blake2b(key.to_bytes(), digest_size=16).digest()
 
 
-def encode_block(key: BlockKey, block: torch.Tensor, codec: Codec | None = None) -> bytes:
+def encode_parts(key: BlockKey, block: torch.Tensor, codec: Codec | None = None) -> tuple[bytes, memoryview]:
+    """(header with checksum, payload) of a block's stored value, without joining them: a
+    store that can send the two back to back writes the value with no extra copy. The
+    payload may share memory with `block`."""
     codec = codec or _CODECS_BY_ID[0]
     if block.dim() > _MAX_DIMS:
         raise ValueError(f"block has {block.dim()} dims; at most {_MAX_DIMS} are supported")
     if block.dtype not in DTYPE_IDS:
         raise ValueError(f"block dtype {block.dtype} is not storable")
     payload = codec.encode(block)
+    if not isinstance(payload, memoryview) or payload.format != "B":
+        payload = memoryview(payload).cast("B")
     shape = list(block.shape) + [0] * (_MAX_DIMS - block.dim())
     head = _HEAD.pack(
         MAGIC, VERSION, codec.codec_id, DTYPE_IDS[block.dtype], block.dim(), *shape, key_digest(key), len(payload)
     )
     h = xxhash.xxh3_64(head)
     h.update(payload)
-    return b"".join((head, _CHECKSUM.pack(h.intdigest()), payload))
+    return head + _CHECKSUM.pack(h.intdigest()), payload
+
+
+def encode_block(key: BlockKey, block: torch.Tensor, codec: Codec | None = None) -> bytes:
+    """The block's stored value as one bytes object (a copy: safe to keep)."""
+    return b"".join(encode_parts(key, block, codec))
 
 
 def parse_header(value: bytes | memoryview) -> tuple[int, torch.dtype, tuple[int, ...], bytes, int]:

@@ -12,6 +12,7 @@ from redis_server import RedisClusterServers, RedisServer, free_port, redis_cli_
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
 from kvtier.kvstore.codec import HEADER_BYTES
 from kvtier.kvstore.keys import BlockKey
+from kvtier.kvstore.redis_tier import RedisTier
 from kvtier.kvstore.tier_spec import BlockLayout, build_tier
 
 SHAPE = (2, 2, 4, 2, 8)
@@ -156,7 +157,7 @@ def test_unreachable_from_the_start_never_raises():
 
 def test_hung_server_times_out_then_the_breaker_answers_at_once():
     server = RedisServer().start()
-    t = build_tier(f"{server.url}?timeout=0.2&breaker_failures=2&breaker_cooldown=30", LAYOUT)
+    t = build_tier(f"{server.url}?timeout=0.2&breaker_failures=2&breaker_cooldown=30&async=1", LAYOUT)
     try:
         put_all(t, [0])
         server.proc.send_signal(signal.SIGSTOP)  # alive, accepting, silent
@@ -277,3 +278,31 @@ def test_breaker_rejects_bad_settings():
         CircuitBreaker(failure_threshold=0)
     with pytest.raises(ValueError):
         CircuitBreaker(cooldown_s=-1)
+
+
+def test_zero_copy_sets_store_exactly_what_the_reference_path_stores():
+    """The hand-pipelined SET path (header and payload sent as two pieces) against redis-py's
+    own pipeline of joined values: same bytes under the same keys, same TTL."""
+    from kvtier.kvstore.codec import encode_parts
+
+    server = RedisServer().start()
+    try:
+        fast = RedisTier(server.url, ttl=300, prefix="fast:")
+        ref = RedisTier(server.url, ttl=300, prefix="ref:")
+        keys = [BlockKey(b"nsnsnsns", bytes([i]) * 32) for i in range(9)]
+        blocks = [torch.randn(3, 2, 16, 2, 8) for _ in keys]
+        parts = [encode_parts(k, b) for k, b in zip(keys, blocks)]
+        fast._write_parts([k.to_bytes() for k in keys], parts)
+        ref._write([k.to_bytes() for k in keys], [b"".join(p) for p in parts])
+        client = server.client()
+        for k in keys:
+            raw = k.to_bytes()
+            assert client.get(fast._rkey(raw)) == client.get(ref._rkey(raw)) is not None
+            assert 0 < client.ttl(fast._rkey(raw)) <= 300
+        out = [torch.empty_like(b) for b in blocks]
+        assert fast.get(keys, out) == [True] * len(keys)
+        assert all(torch.equal(a, b) for a, b in zip(out, blocks))
+        fast.close()
+        ref.close()
+    finally:
+        server.stop()
