@@ -11,7 +11,6 @@ past a request's own length are not counted. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -19,6 +18,7 @@ import sys
 import tempfile
 import time
 
+from bench_io import emit
 import torch
 
 
@@ -117,12 +117,7 @@ def main() -> int:
         "identical_outputs": f"{same}/{len(requests)}",
         "identical_first_token": f"{first_same}/{len(requests)}",
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return emit(result, args.out)
 
 
 def _param_count(model_dir: str) -> int:

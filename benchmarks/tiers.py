@@ -11,13 +11,13 @@ the median of the per-repeat ratios tier/raw (these machines are noisy). Prints 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 
 import torch
 
+from bench_io import emit
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.tier_spec import BlockLayout
 
@@ -176,12 +176,7 @@ def main(argv=None) -> int:
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ load-or-recompute planner keeps TTFT within a few percent of recompute however s
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -21,6 +20,7 @@ import time
 
 import torch
 
+from bench_io import emit
 from kvtier import LLM, SamplingParams
 from kvtier.engine.make_model import make_model
 from kvtier.engine.model_config import load_model_config
@@ -141,12 +141,7 @@ def main(argv=None) -> int:
     for ms in [float(x) for x in args.slow_ms.split(",") if x]:
         rows.append(slow_tier_row(model, ms / 1000, args, rng))
     result = {"benchmark": "ttft", "prompt_tokens": args.prompt_tokens, "rows": rows}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import grpc
 import torch
 
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
-from kvtier.kvstore.codec import Codec, encode_block
+from kvtier.kvstore.codec import Codec, encode_parts
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.kv_server import SERVICE
 from kvtier.kvstore.kv_wire import decode_chunks, pack, split_value
@@ -75,11 +75,11 @@ class KVServerClient:
         def values():
             for key, block in zip(keys, blocks):
                 try:
-                    value = encode_block(key, block, codec)
+                    value = encode_parts(key, block, codec)  # joined only inside the message
                 except Exception as e:  # a caller's bug, not the server's: re-raised below
                     failure.append(e)
                     return  # the stream ends at a block boundary; what was sent is stored
-                sent[0] += len(value)
+                sent[0] += len(value[0]) + len(value[1])
                 yield key.to_bytes(), value
 
         try:

@@ -52,7 +52,11 @@ def _chunk_parts(index: int, key: bytes, total_size: int, offset: int, data) -> 
         parts += (_TAG[_TOTAL], _varint(total_size))
     if offset:
         parts += (_TAG[_OFFSET], _varint(offset))
-    if len(data):
+    if isinstance(data, tuple):  # a value still in its (header, payload) pieces: no join
+        size = sum(len(d) for d in data)
+        if size:
+            parts += (_TAG[_DATA], _varint(size), *data)
+    elif len(data):
         parts += (_TAG[_DATA], _varint(len(data)), data)
     return parts
 
@@ -87,12 +91,15 @@ def pack(pieces: Iterable[tuple[int, bytes, int, int, object]], max_message_byte
 
 
 def split_value(index: int, key: bytes, value, max_message_bytes: int) -> Iterator[tuple]:
-    """The pieces of one block, each small enough to travel in a message of its own."""
+    """The pieces of one block, each small enough to travel in a message of its own.
+    `value` is bytes or a (header, payload) tuple from codec.encode_parts."""
     limit = max(1, max_message_bytes - PIECE_OVERHEAD - len(key))
-    n = len(value)
+    n = sum(len(v) for v in value) if isinstance(value, tuple) else len(value)
     if n <= limit:
         yield index, key, n, 0, value
         return
+    if isinstance(value, tuple):
+        value = b"".join(value)  # a block bigger than a message: split the joined value
     view = memoryview(value)
     for offset in range(0, n, limit):
         yield index, key if offset == 0 else b"", n, offset, view[offset : offset + limit]

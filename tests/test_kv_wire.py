@@ -76,3 +76,15 @@ def test_pack_and_split_make_protobuf_block_chunks_within_the_limit():
             assert b"".join(bytes(c.data) for c in decoded if c.index == i) == v
     if len(messages) > 1:
         assert decode_chunks(messages[0] + messages[1]) == decode_chunks(messages[0]) + decode_chunks(messages[1])
+
+
+def test_split_parts_equal_the_joined_value():
+    """A (header, payload) value travels exactly as its joined bytes would."""
+    from kvtier.kvstore.kv_wire import pack, split_value
+
+    head, payload = b"H" * 72, memoryview(bytes(range(256)) * 40)
+    joined = head + bytes(payload)
+    for limit in (1 << 20, 4096):  # one piece, and split across messages
+        a = list(pack(split_value(3, b"k" * 41, (head, payload), limit), limit))
+        b = list(pack(split_value(3, b"k" * 41, joined, limit), limit))
+        assert a == b
