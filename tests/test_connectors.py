@@ -4,7 +4,6 @@ import pathlib
 import random
 
 import pytest
-import torch
 from hf_checkpoints import make_variant
 
 from kvtier import LLM, SamplingParams

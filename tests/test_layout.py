@@ -4,7 +4,6 @@ import importlib
 import pathlib
 import pkgutil
 
-import kvtier
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FOLDERS = ("engine", "kvstore", "connectors", "proto")

@@ -14,7 +14,6 @@ from kvtier.engine.attention_metadata import build_attention_metadata
 from kvtier.engine.layers.paged_attention import bind_kv_cache
 from kvtier.engine.model_loader import load_model
 
-pytest.importorskip("transformers")
 
 BLOCK = 16
 LENGTHS = [1, 17, 40, 130, 20]

