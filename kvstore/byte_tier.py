@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -43,10 +43,10 @@ class ByteStoreTier(Tier):
     def _remove(self, keys: list[bytes]) -> None:
         """Delete keys."""
 
-    def _write_parts(self, keys: list[bytes], parts: list[tuple[bytes, memoryview]]) -> None:
-        """Store values given as (header, payload) pairs; payloads may be views of the
-        caller's blocks, valid only during the call. Stores that can send both pieces back
-        to back override this to skip joining them."""
+    def _write_parts(self, keys: list[bytes], parts: Iterable[tuple[bytes, memoryview]]) -> None:
+        """Store values given as (header, payload) pairs, produced lazily as they are
+        encoded; payloads may be views of the caller's blocks, valid only during the call.
+        Stores that can send both pieces back to back override this to skip joining them."""
         self._write(keys, [b"".join(p) for p in parts])
 
     # --- the Tier interface -----------------------------------------------------------
@@ -102,13 +102,20 @@ class ByteStoreTier(Tier):
         if not keys:
             return
         start = time.perf_counter()
-        parts = [encode_parts(k, b, self.codec) for k, b in zip(keys, blocks)]
+        nbytes = 0
+
+        def encoded():
+            nonlocal nbytes
+            for k, b in zip(keys, blocks):
+                head, payload = encode_parts(k, b, self.codec)
+                nbytes += len(head) + len(payload)
+                yield head, payload
+
         try:
-            self._write_parts([k.to_bytes() for k in keys], parts)
+            self._write_parts([k.to_bytes() for k in keys], encoded())
         except StoreUnavailable:
             self._stats.add(errors=1, skipped_writes=len(keys))
             return
-        nbytes = sum(len(h) + len(p) for h, p in parts)
         self._stats.add(puts=len(keys), bytes_written=nbytes, write_seconds=time.perf_counter() - start)
 
     def delete(self, keys: Sequence[BlockKey]) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import redis
 import torch
@@ -45,26 +45,28 @@ _OPTIONS = ("codec", "ttl", "prefix", "timeout", "connect_timeout", "breaker_fai
             "async", "queue") + _TLS_OPTIONS
 
 
-def _send_sets(client: redis.Redis, keys: list[bytes], parts: list[tuple[bytes, memoryview]], ttl) -> None:
+def _send_sets(client: redis.Redis, keys: list[bytes], parts: Iterable[tuple[bytes, memoryview]], ttl) -> None:
     """SET key value [EX ttl] for each key, as one RESP pipeline on one pooled connection,
-    each value sent as its two pieces. Any reply other than OK is an error."""
+    each value sent as its two pieces as soon as it is encoded: the server stores block i
+    while this thread checksums block i+1. Any reply other than OK is an error."""
     expiry = b"" if ttl is None else b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ttl)), ttl)
     nargs = 3 if ttl is None else 5
-    chunks: list = []
-    pending = b""
-    for key, (head, payload) in zip(keys, parts):
-        size = len(head) + len(payload)
-        chunks.append(pending + b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s" % (nargs, len(key), key, size, head))
-        chunks.append(payload)
-        pending = b"\r\n" + expiry
-    chunks.append(pending)
     pool = client.connection_pool
     conn = pool.get_connection()
+    pending = b""
+    sent = 0
     try:
-        conn.send_packed_command(chunks, check_health=False)
-        replies = [conn.read_response() for _ in keys]
+        for key, (head, payload) in zip(keys, parts):
+            size = len(head) + len(payload)
+            command = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (nargs, len(key), key, size)
+            conn.send_packed_command((pending + command + head, payload), check_health=False)
+            pending = b"\r\n" + expiry
+            sent += 1
+        if sent:
+            conn.send_packed_command((pending,), check_health=False)
+        replies = [conn.read_response() for _ in range(sent)]
     except BaseException:
-        conn.disconnect()  # a half-read pipeline leaves the connection unusable
+        conn.disconnect()  # a half-sent or half-read pipeline leaves the connection unusable
         raise
     finally:
         pool.release(conn)
@@ -221,7 +223,7 @@ class RedisTier(ByteStoreTier):
         if keys:
             self._call(lambda c: c.delete(*[self._rkey(k) for k in keys]))
 
-    def _write_parts(self, keys: list[bytes], parts: list[tuple[bytes, memoryview]]) -> None:
+    def _write_parts(self, keys: list[bytes], parts: Iterable[tuple[bytes, memoryview]]) -> None:
         """Pipelined SETs written straight from the blocks' memory (single node): redis-py
         takes one buffer per value, so its own path (`_write`, the reference) must join
         header and payload first, a copy as costly as the send itself."""
