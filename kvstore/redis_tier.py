@@ -47,8 +47,8 @@ _OPTIONS = ("codec", "ttl", "prefix", "timeout", "connect_timeout", "breaker_fai
 
 def _send_sets(client: redis.Redis, keys: list[bytes], parts: Iterable[tuple[bytes, memoryview]], ttl) -> None:
     """SET key value [EX ttl] for each key, as one RESP pipeline on one pooled connection,
-    each value sent as its two pieces as soon as it is encoded: the server stores block i
-    while this thread checksums block i+1. Any reply other than OK is an error."""
+    each value sent as its two pieces (header, payload) with no joined copy. Any reply
+    other than OK is an error."""
     expiry = b"" if ttl is None else b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ttl)), ttl)
     nargs = 3 if ttl is None else 5
     pool = client.connection_pool
@@ -229,6 +229,9 @@ class RedisTier(ByteStoreTier):
         header and payload first, a copy as costly as the send itself."""
         if self.cluster or not keys:
             return super()._write_parts(keys, parts)
+        # Encode everything first, then send in one burst: measured faster than
+        # interleaving (the server reads one long stream instead of waking per block).
+        parts = list(parts)
         self._call(lambda client: _send_sets(client, [self._rkey(k) for k in keys], parts, self.ttl))
 
     # --- the Tier interface -----------------------------------------------------------
