@@ -19,6 +19,7 @@ blocks before it; the engine recomputes the rest. A request never runs on wrong 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,7 @@ class ConnectorContext:
     layout: BlockLayout  # one stored block: [num_layers, 2, block_size, kv_heads, head_dim]
     block_size: int
     # Measured prefill speed (tokens/s), or None before the engine has measured it.
-    prefill_tokens_per_s: callable = lambda: None
+    prefill_tokens_per_s: Callable[[], float | None] = lambda: None
 
     def key(self, block_hash: bytes, group: int = 0) -> BlockKey:
         return BlockKey(self.namespace, block_hash, group)

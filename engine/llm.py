@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Sequence
 
 from kvtier.engine.config import EngineConfig
@@ -15,6 +16,9 @@ class LLM:
 
     def __init__(self, model: str, **engine_args):
         self.engine = Engine(EngineConfig.from_kwargs(model, **engine_args))
+        # Drain tier writers and close stores when the LLM is collected or the interpreter
+        # exits without close(): queued writes to disk or Redis are not silently dropped.
+        self._finalizer = weakref.finalize(self, self.engine.close)
 
     @property
     def tokenizer(self):
@@ -25,8 +29,8 @@ class LLM:
         return self.engine.kv_stats()
 
     def close(self) -> None:
-        """Stop tier threads and close stores (also done at interpreter exit)."""
-        self.engine.close()
+        """Flush and stop tier threads, close stores (also done at exit / collection)."""
+        self._finalizer()
 
     def __enter__(self) -> "LLM":
         return self
