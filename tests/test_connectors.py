@@ -4,12 +4,15 @@ import pathlib
 import random
 
 import pytest
+import torch
 from hf_checkpoints import make_variant
 
 from kvtier import LLM, SamplingParams
 from kvtier.connectors.registry import get_connector_class
 from kvtier.engine.model_config import load_model_config
 from kvtier.kvstore.byte_tier import ByteStoreTier, StoreUnavailable
+from kvtier.kvstore.cpu_tier import CpuTier
+from kvtier.kvstore.tier_spec import BlockLayout
 
 PLUGIN_DIR = pathlib.Path(__file__).parent / "plugins"
 LENGTHS = [40, 100, 150, 200, 260]
@@ -186,3 +189,38 @@ def test_third_party_connector(model, tmp_path, monkeypatch, how):
 def test_bad_connector_config_fails_fast(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         LLM(model["path"], **kwargs)
+
+
+def test_plan_prefix_load_matches_brute_force():
+    from kvtier.connectors.tiered import plan_prefix_load
+
+    rng = random.Random(0)
+    for _ in range(300):
+        costs = [rng.choice([0.1, 0.5, 1.0, 2.0, 5.0]) for _ in range(rng.randint(0, 7))]
+        recompute = rng.choice([0.3, 1.0, 3.0])
+        total = [sum(costs[:n]) + recompute * (len(costs) - n) for n in range(len(costs) + 1)]
+        best = plan_prefix_load(costs, recompute)
+        assert total[best] == pytest.approx(min(total))
+    assert plan_prefix_load([], 1.0) == 0
+
+
+class _SlowCpuTier(CpuTier):
+    """A real CPU tier whose measured read bandwidth is far below the recompute speed."""
+
+    def read_bandwidth(self) -> float:
+        return 1.0  # bytes/s: loading any block would take days
+
+
+def test_planner_recomputes_instead_of_loading_from_a_slow_tier(model):
+    cfg = load_model_config(model["path"])
+    layout = BlockLayout((cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim), torch.float32,
+                         torch.device("cpu"))
+    tier = _SlowCpuTier(64 << 20, layout)
+    with LLM(model["path"], kv_cache_memory_bytes=24 * model["block_bytes"], kv_connector="tiered",
+             kv_connector_config={"tiers": [tier]}) as llm:
+        llm.generate(_prompts(model["prompts"]), PARAMS, use_tqdm=False)
+        assert llm.kv_stats()["cpu"]["puts"] > 0
+        outs = llm.generate(_prompts(model["prompts"]), PARAMS, use_tqdm=False)
+        assert llm.kv_stats()["cpu"]["hits"] == 0, "a tier slower than recompute must not be read"
+    _assert_same_as_reference(model, outs)
+    assert all(o.kv_sources.get("cpu", 0) == 0 for o in outs)
