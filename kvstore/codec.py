@@ -9,6 +9,7 @@ value per block means no multi-key races and nothing to keep in step.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 import warnings
@@ -89,6 +90,11 @@ def key_digest(key: BlockKey) -> bytes:
     return hashlib.blake2b(key.to_bytes(), digest_size=16).digest()
 
 
+@functools.lru_cache(maxsize=64)
+def _shape_fields(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (len(shape), *shape, *([0] * (_MAX_DIMS - len(shape))))
+
+
 def encode_parts(key: BlockKey, block: torch.Tensor, codec: Codec | None = None) -> tuple[bytes, memoryview]:
     """(header with checksum, payload) of a block's stored value, without joining them: a
     store that can send the two back to back writes the value with no extra copy. The
@@ -101,9 +107,9 @@ def encode_parts(key: BlockKey, block: torch.Tensor, codec: Codec | None = None)
     payload = codec.encode(block)
     if not isinstance(payload, memoryview) or payload.format != "B":
         payload = memoryview(payload).cast("B")
-    shape = list(block.shape) + [0] * (_MAX_DIMS - block.dim())
     head = _HEAD.pack(
-        MAGIC, VERSION, codec.codec_id, DTYPE_IDS[block.dtype], block.dim(), *shape, key_digest(key), len(payload)
+        MAGIC, VERSION, codec.codec_id, DTYPE_IDS[block.dtype], *_shape_fields(tuple(block.shape)),
+        key_digest(key), len(payload)
     )
     h = xxhash.xxh3_64(head)
     h.update(payload)

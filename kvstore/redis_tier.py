@@ -20,6 +20,8 @@
 """
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -47,8 +49,8 @@ _OPTIONS = ("codec", "ttl", "prefix", "timeout", "connect_timeout", "breaker_fai
 
 def _send_sets(client: redis.Redis, keys: list[bytes], parts: Iterable[tuple[bytes, memoryview]], ttl) -> None:
     """SET key value [EX ttl] for each key, as one RESP pipeline on one pooled connection,
-    each value sent as its two pieces (header, payload) with no joined copy. Any reply
-    other than OK is an error."""
+    each value sent as its two pieces (header, payload), with no joined copy, as soon as
+    it is encoded. Any reply other than OK is an error."""
     expiry = b"" if ttl is None else b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ttl)), ttl)
     nargs = 3 if ttl is None else 5
     pool = client.connection_pool
@@ -56,14 +58,17 @@ def _send_sets(client: redis.Redis, keys: list[bytes], parts: Iterable[tuple[byt
     pending = b""
     sent = 0
     try:
+        if conn._sock is None:  # redis-py connects lazily; its socket carries the pipeline
+            conn.connect()
+        sock = conn._sock
         for key, (head, payload) in zip(keys, parts):
             size = len(head) + len(payload)
             command = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (nargs, len(key), key, size)
-            conn.send_packed_command((pending + command + head, payload), check_health=False)
+            _send_both(sock, pending + command + head, payload)
             pending = b"\r\n" + expiry
             sent += 1
         if sent:
-            conn.send_packed_command((pending,), check_health=False)
+            sock.sendall(pending)
         replies = [conn.read_response() for _ in range(sent)]
     except BaseException:
         conn.disconnect()  # a half-sent or half-read pipeline leaves the connection unusable
@@ -73,6 +78,21 @@ def _send_sets(client: redis.Redis, keys: list[bytes], parts: Iterable[tuple[byt
     bad = [r for r in replies if r not in (b"OK", "OK", True)]
     if bad:
         raise ResponseError(f"unexpected SET reply {bad[0]!r}")
+
+
+def _send_both(sock: socket.socket, first: bytes, second: memoryview) -> None:
+    """Both buffers in one scatter-gather syscall (sendmsg), looping over partial sends;
+    TLS sockets have no sendmsg and get two sendall calls."""
+    if isinstance(sock, ssl.SSLSocket):
+        sock.sendall(first)
+        sock.sendall(second)
+        return
+    sent = sock.sendmsg((first, second))
+    if sent < len(first):
+        sock.sendall(memoryview(first)[sent:])
+        sent = len(first)
+    if sent - len(first) < len(second):
+        sock.sendall(second[sent - len(first) :])
 
 
 class RedisTier(ByteStoreTier):
@@ -229,9 +249,8 @@ class RedisTier(ByteStoreTier):
         header and payload first, a copy as costly as the send itself."""
         if self.cluster or not keys:
             return super()._write_parts(keys, parts)
-        # Encode everything first, then send in one burst: measured faster than
-        # interleaving (the server reads one long stream instead of waking per block).
-        parts = list(parts)
+        # `parts` is consumed lazily: each block is checksummed and sent while it is still
+        # in the CPU cache, so its bytes come from memory once, as for a raw client.
         self._call(lambda client: _send_sets(client, [self._rkey(k) for k in keys], parts, self.ttl))
 
     # --- the Tier interface -----------------------------------------------------------
