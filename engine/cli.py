@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from kvtier.engine.sizes import parse_size
+from kvtier.engine.sizes import size_arg
 
 
 class _Parser(argparse.ArgumentParser):
@@ -13,13 +13,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -30,7 +23,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--kv-cache-memory", type=_size_arg, default=None, help="device KV pool size, e.g. 512MiB")
+    g.add_argument("--kv-cache-memory", type=size_arg, default=None, help="device KV pool size, e.g. 512MiB")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--seed", type=int, default=0)
     t = p.add_argument_group("KV tiers")

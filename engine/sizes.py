@@ -1,6 +1,7 @@
 """Byte sizes written the way people write them: 4GiB, 512MiB, 64KiB, 1.5GB, 1048576."""
 from __future__ import annotations
 
+import argparse
 import re
 
 _UNITS = {
@@ -34,3 +35,11 @@ def parse_size(text: str | int, what: str = "size") -> int:
     if value <= 0:
         raise ValueError(f"{what}: must be positive, got {text!r}")
     return value
+
+
+def size_arg(text: str) -> int:
+    """argparse `type=` for size flags: a bad size becomes argparse's one-line error."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))

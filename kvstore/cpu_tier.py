@@ -60,9 +60,7 @@ class CpuTier(Tier):
 
     @classmethod
     def from_spec(cls, spec: TierSpec, layout: BlockLayout) -> "CpuTier":
-        unknown = set(spec.options) - {"pin"}
-        if unknown:
-            raise ValueError(f"tier spec {spec.text!r}: unknown option(s) {', '.join(sorted(unknown))}; known: pin")
+        spec.check_options(("pin",))
         if spec.size is None:
             raise ValueError(f"tier spec {spec.text!r}: the cpu tier needs a size, e.g. cpu:4GiB")
         pin = spec.bool_option("pin", torch.cuda.is_available())

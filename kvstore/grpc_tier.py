@@ -24,7 +24,6 @@ from pathlib import Path
 import grpc
 import torch
 
-from kvtier.engine.sizes import parse_size
 from kvtier.kvstore.byte_tier import ByteStoreTier, StoreUnavailable
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
 from kvtier.kvstore.grpc_client import KVServerClient
@@ -107,10 +106,7 @@ class GrpcTier(ByteStoreTier):
 
     @classmethod
     def from_spec(cls, spec, layout=None) -> "GrpcTier":
-        unknown = sorted(set(spec.options) - set(_OPTIONS))
-        if unknown:
-            raise ValueError(f"tier spec {spec.text!r}: unknown option(s) {', '.join(unknown)}; "
-                             f"grpc knows size, {', '.join(_OPTIONS)}")
+        spec.check_options(_OPTIONS)
         hosts = spec.target.split("://", 1)[-1].split(",")
         for host in hosts:
             if not host.rpartition(":")[2].isdigit():
@@ -126,12 +122,6 @@ class GrpcTier(ByteStoreTier):
                 raise ValueError(f"tier spec {spec.text!r}: cannot read {option} {path}: {e.strerror or e}")
 
         token = read("token_file")
-        max_message = spec.option("max_message")
-        try:
-            timeout = float(spec.option("timeout", 5.0))
-            cooldown = float(spec.option("cooldown", 5.0))
-        except ValueError:
-            raise ValueError(f"tier spec {spec.text!r}: timeout and cooldown are seconds, e.g. timeout=2.5")
         return cls(
             hosts,
             spec.size or DEFAULT_CAPACITY,
@@ -141,10 +131,10 @@ class GrpcTier(ByteStoreTier):
             ca_cert=read("ca"),
             server_name=spec.option("server_name"),
             namespace=spec.option("namespace"),
-            timeout_s=timeout,
-            max_message_bytes=parse_size(max_message, "grpc max_message") if max_message else DEFAULT_MAX_MESSAGE,
+            timeout_s=spec.seconds_option("timeout", 5.0),
+            max_message_bytes=spec.size_option("max_message", DEFAULT_MAX_MESSAGE),
             failure_threshold=spec.int_option("failures", 3, minimum=1),
-            cooldown_s=cooldown,
+            cooldown_s=spec.seconds_option("cooldown", 5.0, allow_zero=True),
         )
 
     # --- fan-out over the servers -----------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvtier.engine.sizes import parse_size
+from kvtier.engine.sizes import parse_size, size_arg
 from kvtier.kvstore.kv_server import BULK_TRANSFER_OPTIONS, KVStoreServicer, kvstore_handler
 from kvtier.kvstore.kv_server_health import HealthService
 from kvtier.kvstore.kv_server_auth import NamespaceResolver, TokenAuthInterceptor, load_token_file
@@ -28,19 +28,12 @@ DEFAULT_MAX_MESSAGE = "16MiB"
 LISTENING = "kvtier kv-server listening on"
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
-
-
 def add_kv_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to bind (port 0: any free port, printed)")
-    p.add_argument("--capacity", type=_size, default=parse_size("8GiB"), help="memory budget, LRU over bytes (e.g. 8GiB)")
+    p.add_argument("--capacity", type=size_arg, default=parse_size("8GiB"), help="memory budget, LRU over bytes (e.g. 8GiB)")
     p.add_argument("--persist", default=None, metavar="PATH", help="LMDB directory behind the memory store")
-    p.add_argument("--persist-capacity", type=_size, default=None, help="LMDB budget (default: --capacity)")
-    p.add_argument("--max-message-bytes", type=_size, default=parse_size(DEFAULT_MAX_MESSAGE),
+    p.add_argument("--persist-capacity", type=size_arg, default=None, help="LMDB budget (default: --capacity)")
+    p.add_argument("--max-message-bytes", type=size_arg, default=parse_size(DEFAULT_MAX_MESSAGE),
                    help="largest gRPC message either way; bigger blocks travel as chunks")
     p.add_argument("--workers", type=int, default=16, help="handler threads (concurrent calls)")
     p.add_argument("--auth-token-file", default=None, metavar="F",

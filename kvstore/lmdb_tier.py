@@ -28,7 +28,6 @@ from collections.abc import Sequence
 import lmdb
 import torch
 
-from kvtier.engine.sizes import parse_size
 from kvtier.kvstore.background_writer import BackgroundWriter
 from kvtier.kvstore.byte_tier import ByteStoreTier, StoreUnavailable
 from kvtier.kvstore.codec import encode_block
@@ -84,25 +83,15 @@ class LmdbTier(ByteStoreTier):
 
     @classmethod
     def from_spec(cls, spec, layout=None) -> "LmdbTier":
-        unknown = sorted(set(spec.options) - set(_OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"tier spec {spec.text!r}: unknown option(s) {', '.join(unknown)}; "
-                f"lmdb knows size, {', '.join(_OPTIONS)}"
-            )
-
-        def size_option(name):
-            raw = spec.option(name)
-            return None if raw is None else parse_size(raw, f"tier spec {spec.text!r} {name}")
-
+        spec.check_options(_OPTIONS)
         return cls(
             spec.target,
             spec.size or DEFAULT_CAPACITY,
             codec=spec.option("codec", "raw"),
             admit=spec.int_option("admit", 1, minimum=1),
-            map_size=size_option("map_size"),
+            map_size=spec.size_option("map_size"),
             sync=spec.bool_option("sync", True),
-            max_queued_bytes=size_option("queue") or DEFAULT_QUEUE_BYTES,
+            max_queued_bytes=spec.size_option("queue", DEFAULT_QUEUE_BYTES),
         )
 
     # --- raw byte-store operations ----------------------------------------------------

@@ -32,7 +32,6 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
-from kvtier.engine.sizes import parse_size
 from kvtier.kvstore.background_writer import BackgroundWriter
 from kvtier.kvstore.byte_tier import ByteStoreTier, StoreUnavailable
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
@@ -141,38 +140,19 @@ class RedisTier(ByteStoreTier):
 
     @classmethod
     def from_spec(cls, spec, layout=None) -> "RedisTier":
-        unknown = sorted(set(spec.options) - set(_OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"tier spec {spec.text!r}: unknown option(s) {', '.join(unknown)}; "
-                f"redis knows size, {', '.join(_OPTIONS)}"
-            )
-
-        def seconds(name, default, minimum=0.0, strict=True):
-            raw = spec.option(name)
-            if raw is None:
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ValueError(f"tier spec {spec.text!r}: option {name}={raw!r} is not a number of seconds")
-            if value < minimum or (strict and value <= minimum):
-                raise ValueError(f"tier spec {spec.text!r}: option {name} must be {'>' if strict else '>='} {minimum}")
-            return value
-
-        queue = spec.option("queue")
+        spec.check_options(_OPTIONS)
         return cls(
             spec.target,
             spec.size or DEFAULT_CAPACITY,
             codec=spec.option("codec", "raw"),
             ttl=spec.int_option("ttl", None, minimum=0),
             prefix=spec.option("prefix", "kvtier:"),
-            timeout=seconds("timeout", 0.25),
-            connect_timeout=seconds("connect_timeout", None),
+            timeout=spec.seconds_option("timeout", 0.25),
+            connect_timeout=spec.seconds_option("connect_timeout", None),
             breaker_failures=spec.int_option("breaker_failures", 3, minimum=1),
-            breaker_cooldown=seconds("breaker_cooldown", 5.0, strict=False),
+            breaker_cooldown=spec.seconds_option("breaker_cooldown", 5.0, allow_zero=True),
             async_writes=spec.bool_option("async", False),
-            max_queued_bytes=parse_size(queue, f"tier spec {spec.text!r} queue") if queue else DEFAULT_QUEUE_BYTES,
+            max_queued_bytes=spec.size_option("queue", DEFAULT_QUEUE_BYTES),
             client_options={k: spec.options[k] for k in _TLS_OPTIONS if k in spec.options},
         )
 

@@ -52,6 +52,31 @@ class TierSpec:
     def option(self, name: str, default=None):
         return self.options.get(name, default)
 
+    def check_options(self, known) -> None:
+        """Fail fast on an option the tier does not know (a typo must not be ignored)."""
+        unknown = sorted(set(self.options) - set(known))
+        if unknown:
+            raise ValueError(
+                f"tier spec {self.text!r}: unknown option(s) {', '.join(unknown)}; "
+                f"{self.scheme} knows size, {', '.join(known)}"
+            )
+
+    def size_option(self, name: str, default: int | None = None) -> int | None:
+        raw = self.options.get(name)
+        return default if raw is None else parse_size(raw, f"tier spec {self.text!r} {name}")
+
+    def seconds_option(self, name: str, default: float | None, allow_zero: bool = False) -> float | None:
+        raw = self.options.get(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"tier spec {self.text!r}: option {name}={raw!r} is not a number of seconds")
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ValueError(f"tier spec {self.text!r}: option {name} must be {'>=' if allow_zero else '>'} 0")
+        return value
+
     def int_option(self, name: str, default: int | None = None, minimum: int = 0) -> int | None:
         raw = self.options.get(name)
         if raw is None:
