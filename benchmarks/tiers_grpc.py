@@ -4,12 +4,14 @@
   (the kv_wire BlockChunk stream of values encoded beforehand; Get streams copied into the
   destination tensors without verifying). The ratio prices what the tier adds: encoding,
   the checksum written and verified, sharding bookkeeping.
-- grpc_vs_redis: the same blocks through GrpcTier and through RedisTier (put + flush: its
-  writes are asynchronous) on this machine, for 256 KiB, 1 MiB and 4 MiB values, with one
-  client and with 8 concurrent clients (threads, each with its own tier and connection).
-  Each row gives both GB/s and ratio = grpc / redis (median of per-repeat ratios; the goal
-  is >= 1.0). Both stores run as their own processes: a private `kvtier kv-server` and a
-  private redis-server (or --redis-url), each on a free port, stopped afterwards.
+- grpc_vs_redis: the same blocks through GrpcTier and through RedisTier (put + flush) on
+  this machine, for 256 KiB, 1 MiB and 4 MiB values, with one client and with 8 concurrent
+  clients (threads, each with its own tier and connection). Each row gives both GB/s and
+  ratio = grpc / redis (median of per-repeat ratios; the goal is >= 1.0). GrpcTier puts go
+  over the kv-server's bulk stream; put_grpc_stream_gbps is the same put with bulk=0 (all
+  through gRPC's Put), for comparison. Both stores run as their own processes: a private
+  `kvtier kv-server` and a private redis-server (or --redis-url), each on a free port,
+  stopped afterwards.
 
 torch runs single-threaded, as in tiers_lmdb_redis.py: OpenMP's spinning workers steal the
 cores that the servers and the network stack need on a small machine.
@@ -44,7 +46,7 @@ def private_kv_server(capacity: str = "2GiB"):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()
-        match = re.search(r"listening on (\S+)$", line.strip())
+        match = re.search(r"listening on (\S+)", line)
         if not match:
             raise RuntimeError(f"kv-server did not start (exit {proc.poll()}): {line!r}")
         yield match.group(1)
@@ -102,11 +104,13 @@ def _tier_vs_raw(args, layout: BlockLayout, address: str) -> list[dict]:
 
 
 def _alternate(repeats: int, steps: dict, warmup: int = 2) -> dict:
-    """Time each step per repeat, the two sides taking turns to go first."""
+    """Time each step per repeat; steps compared with each other come in consecutive pairs
+    (a, b), and the two take turns to go first."""
     times = {k: [] for k in steps}
     order = list(steps)
+    pairs = [order[i : i + 2] for i in range(0, len(order), 2)]
     for rep in range(warmup + repeats):
-        for key in order if rep % 2 == 0 else order[1::-1] + order[3:1:-1]:
+        for key in (k for pair in pairs for k in (pair if rep % 2 == 0 else pair[::-1])):
             start = time.perf_counter()
             steps[key]()
             if rep >= warmup:
@@ -125,6 +129,7 @@ def _grpc_vs_redis(args, layout: BlockLayout, name: str, clients: int, address: 
     # The same keys every repeat (the stores overwrite), distinct per client.
     keys = [make_keys(batch, (c + 1) << 20) for c in range(clients)]
     grpc_tiers = [GrpcTier([address], timeout_s=60.0) for _ in range(clients)]
+    stream_tiers = [GrpcTier([address], timeout_s=60.0, bulk=False) for _ in range(clients)]
     redis_tiers = [RedisTier(redis_url, prefix="kvtier-bench-cmp:", timeout=60.0) for _ in range(clients)]
 
     def together(fn):
@@ -145,10 +150,11 @@ def _grpc_vs_redis(args, layout: BlockLayout, name: str, clients: int, address: 
         ("redis", "put"): together(redis_put),
         ("grpc", "get"): together(lambda c: grpc_tiers[c].get(keys[c], dst[c])),
         ("redis", "get"): together(lambda c: redis_tiers[c].get(keys[c], dst[c])),
+        ("grpc_stream", "put"): together(lambda c: stream_tiers[c].put(keys[c], src)),
     }
     try:
         times = _alternate(getattr(args, "compare_repeats", 7), steps)
-        for tiers in (grpc_tiers, redis_tiers):
+        for tiers in (grpc_tiers, stream_tiers, redis_tiers):
             for c, tier in enumerate(tiers):
                 if not all(tier.get(keys[c], dst[c])) or tier.stats().errors or tier.stats().skipped_writes:
                     raise RuntimeError(f"{tier.name} tier had faults during the benchmark: {tier.stats()}")
@@ -156,7 +162,7 @@ def _grpc_vs_redis(args, layout: BlockLayout, name: str, clients: int, address: 
             redis_tiers[c].delete(keys[c])
             grpc_tiers[c].delete(keys[c])
     finally:
-        for tier in grpc_tiers + redis_tiers:
+        for tier in grpc_tiers + stream_tiers + redis_tiers:
             tier.close()
     nbytes = clients * batch * layout.nbytes
     row = {"tier": "grpc_vs_redis", "value": name, "value_bytes": layout.nbytes, "blocks": batch, "clients": clients}
@@ -165,4 +171,5 @@ def _grpc_vs_redis(args, layout: BlockLayout, name: str, clients: int, address: 
         row[f"{op}_grpc_gbps"] = round(nbytes / statistics.median(g) / 1e9, 3)
         row[f"{op}_redis_gbps"] = round(nbytes / statistics.median(r) / 1e9, 3)
         row[f"{op}_ratio"] = round(statistics.median(rt / gt for gt, rt in zip(g, r)), 3)
+    row["put_grpc_stream_gbps"] = round(nbytes / statistics.median(times["grpc_stream", "put"]) / 1e9, 3)
     return row

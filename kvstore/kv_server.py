@@ -8,24 +8,16 @@ PERMISSION_DENIED (kv_server_auth.py).
 """
 from __future__ import annotations
 
-import hashlib
-
 import grpc
 
 from kvtier.kvstore.byte_tier import StoreUnavailable
-from kvtier.kvstore.codec import HEADER_BYTES, CorruptBlock, parse_header, verify_value
+from kvtier.kvstore.codec import HEADER_BYTES
 from kvtier.kvstore.kv_server_auth import NamespaceResolver
-from kvtier.kvstore.kv_server_store import BlockStore
+from kvtier.kvstore.kv_server_store import MAX_KEY_BYTES, BlockStore, PutBatch, value_problem
 from kvtier.kvstore.kv_wire import decode_chunks, pack, split_value
 from kvtier.proto.kvtier.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 SERVICE = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
-
-MAX_KEY_BYTES = 256
-# A Put stream's verified blocks reach the store (and LMDB) in batches of about this much.
-_FLUSH_BYTES = 64 << 20
-_FLUSH_BLOCKS = 256
-
 
 # Read from TCP in large chunks: with gRPC's small default reads, receiving a MiB-sized block
 # costs more CPU than everything else on its path (measured: put throughput +40%, and half
@@ -37,27 +29,12 @@ BULK_TRANSFER_OPTIONS = [
 ]
 
 
-def value_problem(key: bytes, value: bytes) -> str | None:
-    """Why `value` may not be stored under `key`, or None when it is an intact block value.
-
-    The header's key digest is blake2b-128 of the raw key (codec.key_digest of a BlockKey is
-    the same bytes), so a value stored under another key is refused here too.
-    """
-    try:
-        verify_value(value)
-        digest = parse_header(value)[3]
-    except CorruptBlock as e:
-        return str(e)
-    if digest != hashlib.blake2b(key, digest_size=16).digest():
-        return "value belongs to another key"
-    return None
-
-
 class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
-    def __init__(self, store: BlockStore, namespaces: NamespaceResolver, max_message_bytes: int):
+    def __init__(self, store: BlockStore, namespaces: NamespaceResolver, max_message_bytes: int, bulk=None):
         self._store = store
         self._ns = namespaces
         self._max_message_bytes = max_message_bytes
+        self._bulk = bulk  # the BulkListener (kv_bulk_server.py), or None without a bulk stream
 
     def _keys(self, request_keys, context) -> list[bytes]:
         tag = self._ns.tag(context)
@@ -104,6 +81,17 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             **self._store.snapshot(),
         )
 
+    def OpenBulk(self, request, context):
+        tag = self._ns.tag(context)  # the ticket carries this call's namespace to the connection
+        bulk = self._bulk
+        if bulk is None:
+            return kvstore_pb2.OpenBulkResponse()  # port 0: no bulk stream here
+        ticket = bulk.tickets.issue(tag)
+        if ticket is None:
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "too many unused bulk tickets; try again later")
+        return kvstore_pb2.OpenBulkResponse(port=bulk.port, host=bulk.advertised_host, ticket=ticket,
+                                            ticket_ttl_ms=int(bulk.tickets.ttl_s * 1000), tls=bulk.tls)
+
 
 _MALFORMED = object()
 
@@ -128,6 +116,7 @@ def kvstore_handler(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
         "Put": grpc.stream_unary_rpc_method_handler(servicer.Put, _decode_or_marker, pb.PutResponse.SerializeToString),
         "Delete": unary(servicer.Delete, pb.DeleteRequest.FromString, pb.DeleteResponse.SerializeToString),
         "Stats": unary(servicer.Stats, pb.StatsRequest.FromString, pb.StatsResponse.SerializeToString),
+        "OpenBulk": unary(servicer.OpenBulk, pb.OpenBulkRequest.FromString, pb.OpenBulkResponse.SerializeToString),
     })
 
 
@@ -138,13 +127,14 @@ class _PutStream:
     def __init__(self, store: BlockStore, tag: bytes, context):
         self._store, self._tag, self._context = store, tag, context
         self.index = 0  # blocks completed so far: the number of the block being received
-        self.stored = 0
         self._key: bytes | None = None
         self._parts: list = []
         self._expected = self._received = 0
-        self._keys: list[bytes] = []
-        self._values: list = []
-        self._batch_bytes = 0
+        self._batch = PutBatch(store)
+
+    @property
+    def stored(self) -> int:
+        return self._batch.stored
 
     def refuse(self, code: grpc.StatusCode, problem: str, rejected: bool = False):
         if rejected:
@@ -186,13 +176,12 @@ class _PutStream:
         problem = value_problem(self._key, value)
         if problem is not None:
             self.refuse(grpc.StatusCode.INVALID_ARGUMENT, problem, rejected=True)
-        self._keys.append(self._tag + self._key)
-        self._values.append(value)
-        self._batch_bytes += len(value)
-        self._key, self._parts = None, []
+        key, self._key, self._parts = self._key, None, []
         self.index += 1
-        if self._batch_bytes >= _FLUSH_BYTES or len(self._keys) >= _FLUSH_BLOCKS:
-            self.flush()
+        try:
+            self._batch.add(self._tag + key, value)
+        except StoreUnavailable as e:
+            _abort(self._context, grpc.StatusCode.UNAVAILABLE, f"persistent store failed: {e}")
 
     def finish(self) -> None:
         if self._key is not None:
@@ -200,15 +189,10 @@ class _PutStream:
                         f"stream ended inside the block ({self._received} of {self._expected} bytes)")
 
     def flush(self) -> None:
-        if not self._keys:
-            return
-        keys, values = self._keys, self._values
-        self._keys, self._values, self._batch_bytes = [], [], 0
         try:
-            self._store.put_many(keys, values)
+            self._batch.flush()
         except StoreUnavailable as e:
             _abort(self._context, grpc.StatusCode.UNAVAILABLE, f"persistent store failed: {e}")
-        self.stored += len(keys)
 
 
 def _check_key(key: bytes, index: int, context) -> None:

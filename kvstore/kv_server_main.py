@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import ssl
 import sys
 import threading
 from concurrent import futures
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from kvtier.engine.sizes import parse_size, size_arg
+from kvtier.kvstore.kv_bulk_server import BulkListener
 from kvtier.kvstore.kv_server import BULK_TRANSFER_OPTIONS, KVStoreServicer, kvstore_handler
 from kvtier.kvstore.kv_server_health import HealthService
 from kvtier.kvstore.kv_server_auth import NamespaceResolver, TokenAuthInterceptor, load_token_file
@@ -41,6 +43,13 @@ def add_kv_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace-per-token", action="store_true", help="each token sees only its own keys")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key")
+    p.add_argument("--tls-client-ca", default=None, metavar="F",
+                   help="mutual TLS: clients must present a certificate signed by this CA (PEM)")
+    p.add_argument("--bulk-listen", default="auto", metavar="HOST:PORT",
+                   help="the bulk stream's TCP port for Put bytes ('auto': --listen's host, any free port; "
+                        "'off': none, puts go through gRPC)")
+    p.add_argument("--bulk-advertise-host", default="",
+                   help="host clients should dial for the bulk stream (default: the host they reached gRPC on)")
     p.add_argument("--drain-seconds", type=float, default=10.0, help="how long SIGTERM waits for in-flight calls")
 
 
@@ -57,11 +66,15 @@ class RunningServer:
     port: int
     store: BlockStore
     health: HealthService
+    bulk: BulkListener | None
 
     def stop(self, grace: float) -> None:
         """Refuse new calls, let in-flight ones finish for up to `grace` seconds, close."""
         self.health.set_serving(False)
-        self.server.stop(grace).wait()
+        stopped = self.server.stop(grace)
+        if self.bulk is not None:
+            self.bulk.stop(grace)
+        stopped.wait()
         self.store.close()
 
 
@@ -77,6 +90,8 @@ def start_server(args: argparse.Namespace) -> RunningServer:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
     if args.max_message_bytes < 4096:
         raise ValueError(f"--max-message-bytes must be at least 4096, got {args.max_message_bytes}")
     grants = load_token_file(args.auth_token_file) if args.auth_token_file else None
@@ -95,23 +110,65 @@ def start_server(args: argparse.Namespace) -> RunningServer:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers), options=options,
                          interceptors=interceptors)
     health = HealthService()
-    servicer = KVStoreServicer(store, namespaces, args.max_message_bytes)
-    server.add_generic_rpc_handlers((kvstore_handler(servicer), health.generic_handler()))
+    bulk = None
     try:
+        if args.bulk_listen != "off":
+            bulk = _open_bulk(args, store)
+        servicer = KVStoreServicer(store, namespaces, args.max_message_bytes, bulk)
+        server.add_generic_rpc_handlers((kvstore_handler(servicer), health.generic_handler()))
         if args.tls_cert:
-            with open(args.tls_key, "rb") as k, open(args.tls_cert, "rb") as c:
-                credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
-            port = server.add_secure_port(args.listen, credentials)
+            port = server.add_secure_port(args.listen, _grpc_credentials(args))
         else:
             port = server.add_insecure_port(args.listen)
-    except (OSError, RuntimeError) as e:
+        if port == 0:
+            raise ValueError(f"cannot listen on {args.listen}")
+    except (OSError, RuntimeError, ssl.SSLError, ValueError) as e:
+        if bulk is not None:
+            bulk.stop(0)
         store.close()
-        raise ValueError(f"cannot listen on {args.listen}: {e}")
-    if port == 0:
-        store.close()
-        raise ValueError(f"cannot listen on {args.listen}")
+        raise e if isinstance(e, ValueError) else ValueError(f"cannot listen on {args.listen}: {e}")
     server.start()
-    return RunningServer(server, port, store, health)
+    if bulk is not None:
+        bulk.start()
+    return RunningServer(server, port, store, health, bulk)
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}")
+
+
+def _grpc_credentials(args) -> grpc.ServerCredentials:
+    pair = [(_read(args.tls_key), _read(args.tls_cert))]
+    if args.tls_client_ca:
+        return grpc.ssl_server_credentials(pair, root_certificates=_read(args.tls_client_ca),
+                                           require_client_auth=True)
+    return grpc.ssl_server_credentials(pair)
+
+
+def _open_bulk(args, store: BlockStore) -> BulkListener:
+    """The bulk-stream listener; TLS (and client certificates) exactly as for gRPC."""
+    spec = args.listen if args.bulk_listen == "auto" else args.bulk_listen
+    host, _, port = spec.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--bulk-listen must be HOST:PORT, 'auto' or 'off', got {args.bulk_listen!r}")
+    if args.bulk_listen == "auto":
+        port = "0"
+    context = None
+    if args.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_client_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(args.tls_client_ca)
+    try:
+        return BulkListener(host.strip("[]"), int(port), store, advertised_host=args.bulk_advertise_host,
+                            ssl_context=context)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {spec} for the bulk stream: {e.strerror or e}")
 
 
 def run_kv_server(args: argparse.Namespace) -> int:
@@ -125,7 +182,8 @@ def run_kv_server(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     host = args.listen.rsplit(":", 1)[0]
-    print(f"{LISTENING} {host}:{running.port}", flush=True)
+    bulk = f" (bulk stream on port {running.bulk.port})" if running.bulk else ""
+    print(f"{LISTENING} {host}:{running.port}{bulk}", flush=True)
     while not stop.wait(timeout=1.0):  # a timed wait keeps the main thread able to take signals
         pass
     running.stop(args.drain_seconds)

@@ -8,10 +8,31 @@ memory is empty and reads fall through to disk, promoting what they find.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from kvtier.kvstore.codec import CorruptBlock, parse_header, verify_value
+
+MAX_KEY_BYTES = 256
+
+
+def value_problem(key: bytes, value: bytes) -> str | None:
+    """Why `value` may not be stored under `key`, or None when it is an intact block value.
+
+    The header's key digest is blake2b-128 of the raw key (codec.key_digest of a BlockKey is
+    the same bytes), so a value stored under another key is refused here too.
+    """
+    try:
+        verify_value(value)
+        digest = parse_header(value)[3]
+    except CorruptBlock as e:
+        return str(e)
+    if digest != hashlib.blake2b(key, digest_size=16).digest():
+        return "value belongs to another key"
+    return None
 
 
 class BlockTooLarge(ValueError):
@@ -159,8 +180,52 @@ class BlockStore:
         with self._lock:
             out = dict(self.counters.__dict__)
             out.update(used_bytes=self._memory.used_bytes, blocks=len(self._memory))
+        if self._persist is not None:
+            out["disk_bytes"], out["disk_blocks"] = self._persist.disk_usage()
         return out
 
     def close(self) -> None:
         if self._persist is not None:
             self._persist.close()
+
+
+class PutBatch:
+    """Verified blocks of one Put (gRPC stream or bulk connection) on their way to the store,
+    in batches: one LMDB transaction per batch, not per block."""
+
+    FLUSH_BYTES = 64 << 20
+    FLUSH_BLOCKS = 256
+
+    def __init__(self, store: BlockStore):
+        self._store = store
+        self._keys: list[bytes] = []
+        self._values: list = []
+        self._bytes = 0
+        self.stored = 0  # blocks handed to the store so far
+
+    @property
+    def pending(self) -> int:
+        return len(self._keys)
+
+    def add(self, key: bytes, value) -> None:
+        """Queue one verified block; may flush (StoreUnavailable from a failed disk write)."""
+        self._keys.append(key)
+        self._values.append(value)
+        self._bytes += len(value)
+        if self._bytes >= self.FLUSH_BYTES or len(self._keys) >= self.FLUSH_BLOCKS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Store what is queued. On StoreUnavailable the queued blocks are dropped, not
+        counted as stored, and the error propagates."""
+        if not self._keys:
+            return
+        keys, values = self._keys, self._values
+        self._keys, self._values, self._bytes = [], [], 0
+        self._store.put_many(keys, values)
+        self.stored += len(keys)
+
+    def take_stored(self) -> int:
+        """Blocks stored since the last call."""
+        stored, self.stored = self.stored, 0
+        return stored

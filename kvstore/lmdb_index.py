@@ -35,6 +35,13 @@ class LruIndex:
             raw = txn.get(_STATE_KEY)
         return _PAIR.unpack(raw)[1] if raw else 0
 
+    def usage(self) -> tuple[int, int]:
+        """(bytes of stored values, number of stored blocks)."""
+        with self.env.begin(db=self.meta) as txn:
+            raw = txn.get(_STATE_KEY)
+            blocks = txn.stat(self.blocks)["entries"]
+        return (_PAIR.unpack(raw)[1] if raw else 0), blocks
+
     def edit(self, txn: lmdb.Transaction) -> "IndexEdit":
         return IndexEdit(self, txn)
 

@@ -169,6 +169,10 @@ class LmdbTier(ByteStoreTier):
         """Wait until every put() so far is committed (or dropped); False on timeout."""
         return self._writer.flush(timeout)
 
+    def disk_usage(self) -> tuple[int, int]:
+        """(bytes of stored values, stored blocks), as the persisted index counts them."""
+        return self._index.usage()
+
     def close(self) -> None:
         if self._closed:
             return

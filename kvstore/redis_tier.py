@@ -20,8 +20,6 @@
 """
 from __future__ import annotations
 
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +35,7 @@ from kvtier.kvstore.byte_tier import ByteStoreTier, StoreUnavailable
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
 from kvtier.kvstore.codec import encode_block
 from kvtier.kvstore.keys import BlockKey
+from kvtier.kvstore.socket_io import SEND_BATCH_BYTES, send_buffers
 
 DEFAULT_CAPACITY = 64 << 30  # informational: Redis's own maxmemory policy evicts
 DEFAULT_QUEUE_BYTES = 256 << 20
@@ -48,8 +47,8 @@ _OPTIONS = ("codec", "ttl", "prefix", "timeout", "connect_timeout", "breaker_fai
 
 def _send_sets(client: redis.Redis, keys: list[bytes], parts: Iterable[tuple[bytes, memoryview]], ttl) -> None:
     """SET key value [EX ttl] for each key, as one RESP pipeline on one pooled connection,
-    each value sent as its two pieces (header, payload), with no joined copy, as soon as
-    it is encoded. Any reply other than OK is an error."""
+    each value sent as its two pieces (header, payload), with no joined copy, a batch of
+    values per sendmsg. Any reply other than OK is an error."""
     expiry = b"" if ttl is None else b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ttl)), ttl)
     nargs = 3 if ttl is None else 5
     pool = client.connection_pool
@@ -60,14 +59,19 @@ def _send_sets(client: redis.Redis, keys: list[bytes], parts: Iterable[tuple[byt
         if conn._sock is None:  # redis-py connects lazily; its socket carries the pipeline
             conn.connect()
         sock = conn._sock
+        buffers, batch = [], 0
         for key, (head, payload) in zip(keys, parts):
             size = len(head) + len(payload)
             command = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (nargs, len(key), key, size)
-            _send_both(sock, pending + command + head, payload)
+            buffers += (pending + command + head, payload)
             pending = b"\r\n" + expiry
             sent += 1
+            batch += size
+            if batch >= SEND_BATCH_BYTES:
+                send_buffers(sock, buffers)
+                buffers, batch = [], 0
         if sent:
-            sock.sendall(pending)
+            send_buffers(sock, [*buffers, pending])
         replies = [conn.read_response() for _ in range(sent)]
     except BaseException:
         conn.disconnect()  # a half-sent or half-read pipeline leaves the connection unusable
@@ -77,21 +81,6 @@ def _send_sets(client: redis.Redis, keys: list[bytes], parts: Iterable[tuple[byt
     bad = [r for r in replies if r not in (b"OK", "OK", True)]
     if bad:
         raise ResponseError(f"unexpected SET reply {bad[0]!r}")
-
-
-def _send_both(sock: socket.socket, first: bytes, second: memoryview) -> None:
-    """Both buffers in one scatter-gather syscall (sendmsg), looping over partial sends;
-    TLS sockets have no sendmsg and get two sendall calls."""
-    if isinstance(sock, ssl.SSLSocket):
-        sock.sendall(first)
-        sock.sendall(second)
-        return
-    sent = sock.sendmsg((first, second))
-    if sent < len(first):
-        sock.sendall(memoryview(first)[sent:])
-        sent = len(first)
-    if sent - len(first) < len(second):
-        sock.sendall(second[sent - len(first) :])
 
 
 class RedisTier(ByteStoreTier):

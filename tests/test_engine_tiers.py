@@ -218,9 +218,14 @@ def test_grpc_server_killed_mid_run(model):
             _run(llm, model)  # every request completes, on recompute
             assert llm.kv_stats()["grpc"]["errors"] > 0
             server.start()
-            time.sleep(0.4)
-            _run(llm, model)
-            llm.engine.connector.flush()
-            assert _tier_tokens(_run(llm, model), "grpc") > 0
+            # gRPC's reconnect backoff (up to 2 s) and the breaker's cool-down both have to
+            # pass before the tier is written again; then the next run reads from it.
+            deadline = time.monotonic() + 30
+            while True:
+                _run(llm, model)
+                llm.engine.connector.flush()
+                if _tier_tokens(_run(llm, model), "grpc") > 0:
+                    break
+                assert time.monotonic() < deadline, "the restarted server was never used again"
     finally:
         server.kill()

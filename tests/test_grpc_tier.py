@@ -155,12 +155,17 @@ def test_data_persists_across_a_server_restart(tmp_path):
         tier = GrpcTier([server.address], **FAST)
         keys, data = blocks(10)
         tier.put(keys, data)
+        value_bytes = tier.stats().bytes_written
+        stats = tier.server_stats()[server.address]
+        assert (stats["disk_blocks"], stats["disk_bytes"]) == (10, value_bytes)
         assert server.terminate() == 0
         server.start()
         assert wait_until(lambda: tier.lookup_prefix(keys) == 10)
+        stats = tier.server_stats()[server.address]
+        assert stats["persistent"] and stats["blocks"] == 0  # memory starts empty; disk still counts
+        assert (stats["disk_blocks"], stats["disk_bytes"]) == (10, value_bytes)
         ok, into = read_back(tier, keys, data)
         assert ok == [True] * 10 and all(torch.equal(x, y) for x, y in zip(into, data))
-        assert tier.server_stats()[server.address]["persistent"]
         tier.close()
 
 

@@ -2,6 +2,7 @@
 import argparse
 import os
 import queue
+import signal
 import threading
 
 import grpc
@@ -172,6 +173,22 @@ def test_health_service_answers_the_standard_check(server):
         assert status_of(check, health_pb2.HealthCheckRequest(service="nope"))[0] == grpc.StatusCode.NOT_FOUND
 
 
+def test_health_watch_streams_serving_then_not_serving_on_sigterm():
+    with KVServerProcess("--capacity", "1MiB") as server:
+        with grpc.insecure_channel(server.address) as channel:
+            watch = channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                         request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                         response_deserializer=health_pb2.HealthCheckResponse.FromString)
+            unknown = watch(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
+            assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            unknown.cancel()
+            stream = watch(health_pb2.HealthCheckRequest(service="kvtier.v1.KVStore"), timeout=30)
+            assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+            server.proc.send_signal(signal.SIGTERM)
+            assert [m.status for m in stream] == [health_pb2.HealthCheckResponse.NOT_SERVING]  # then it ends
+        assert server.proc.wait(30) == 0
+
+
 def test_bad_configurations_are_value_errors(tmp_path):
     parser = argparse.ArgumentParser()
     add_kv_server_arguments(parser)
@@ -179,7 +196,8 @@ def test_bad_configurations_are_value_errors(tmp_path):
     empty.write_text("# nobody\n")
     for flags in (["--tls-cert", "c.pem"], ["--workers", "0"], ["--namespace-per-token"],
                   ["--auth-token-file", str(empty)], ["--auth-token-file", str(tmp_path / "missing")],
-                  ["--max-message-bytes", "100"]):
+                  ["--max-message-bytes", "100"], ["--bulk-listen", "no-port"], ["--tls-client-ca", "ca.pem"],
+                  ["--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(tmp_path / "missing.key")]):
         with pytest.raises(ValueError):
             start_server(parser.parse_args(["--listen", "127.0.0.1:0", *flags]))
 

@@ -305,29 +305,3 @@ def test_zero_copy_sets_store_exactly_what_the_reference_path_stores():
         ref.close()
     finally:
         server.stop()
-
-
-def test_scatter_gather_send_survives_partial_sends():
-    """_send_both over a socket whose buffer is far smaller than the payload: sendmsg
-    returns early and the rest must still arrive, in order, byte for byte."""
-    import socket
-    import threading
-
-    from kvtier.kvstore.redis_tier import _send_both
-
-    a, b = socket.socketpair()
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    head, payload = b"header:" * 100, memoryview(bytes(range(256)) * 8192)  # 2 MiB
-    received = bytearray()
-
-    def drain():
-        while len(received) < len(head) + len(payload):
-            received.extend(b.recv(65536))
-
-    reader = threading.Thread(target=drain)
-    reader.start()
-    _send_both(a, head, payload)
-    reader.join(10)
-    a.close()
-    b.close()
-    assert bytes(received) == head + bytes(payload)

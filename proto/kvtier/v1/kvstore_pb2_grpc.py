@@ -59,6 +59,11 @@ class KVStoreStub:
                 request_serializer=kvtier_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvtier_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.OpenBulk = channel.unary_unary(
+                '/kvtier.v1.KVStore/OpenBulk',
+                request_serializer=kvtier_dot_v1_dot_kvstore__pb2.OpenBulkRequest.SerializeToString,
+                response_deserializer=kvtier_dot_v1_dot_kvstore__pb2.OpenBulkResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -97,6 +102,13 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenBulk(self, request, context):
+        """A ticket for one bulk-stream connection, bound to this call's namespace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +136,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvtier_dot_v1_dot_kvstore__pb2.StatsRequest.FromString,
                     response_serializer=kvtier_dot_v1_dot_kvstore__pb2.StatsResponse.SerializeToString,
+            ),
+            'OpenBulk': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenBulk,
+                    request_deserializer=kvtier_dot_v1_dot_kvstore__pb2.OpenBulkRequest.FromString,
+                    response_serializer=kvtier_dot_v1_dot_kvstore__pb2.OpenBulkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +278,33 @@ class KVStore:
             '/kvtier.v1.KVStore/Stats',
             kvtier_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
             kvtier_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenBulk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.KVStore/OpenBulk',
+            kvtier_dot_v1_dot_kvstore__pb2.OpenBulkRequest.SerializeToString,
+            kvtier_dot_v1_dot_kvstore__pb2.OpenBulkResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,132 @@
+"""Client side of the kv-server's bulk stream (protocol: kv_bulk_protocol.py).
+
+One BulkPutter per server keeps a few open connections (one per concurrent put). A new
+connection costs one OpenBulk gRPC call for its ticket, a TCP (TLS) connect and the HELLO
+round trip; after that a put is its frames and one SYNC round trip. When the server has no
+bulk stream (OpenBulk answers port 0) or its bulk port cannot be reached, connection()
+answers None and the caller sends through gRPC's Put instead.
+"""
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from kvtier.kvstore.kv_bulk_protocol import MAGIC, OK, SYNC_FRAME, BulkError, put_frame, read_reply
+from kvtier.kvstore.socket_io import SEND_BATCH_BYTES, send_buffers, set_kernel_timeouts
+
+log = logging.getLogger(__name__)
+
+RETRY_UNREACHABLE_S = 60.0  # after the bulk port could not be reached, use gRPC this long
+_MAX_IDLE = 8  # open connections kept per server
+
+
+class BulkPutter:
+    def __init__(self, host: str, open_bulk: Callable[[], object], *, timeout_s: float,
+                 ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None):
+        self._host = host
+        self._open_bulk = open_bulk  # the OpenBulk call (raises grpc.RpcError)
+        self._timeout = timeout_s
+        self._ssl, self._server_hostname = ssl_context, server_hostname or host
+        self._lock = threading.Lock()
+        self._idle: list[socket.socket] = []
+        self._use_grpc_until = 0.0
+
+    def connection(self) -> socket.socket | None:
+        """An open, authenticated connection; None when puts should go through gRPC."""
+        if time.monotonic() < self._use_grpc_until:
+            return None
+        with self._lock:
+            while self._idle:
+                sock = self._idle.pop()
+                if _alive(sock):
+                    return sock
+                sock.close()
+        reply = self._open_bulk()
+        if reply.port == 0:
+            self._use_grpc_until = float("inf")  # the server has no bulk stream
+            return None
+        host = reply.host or self._host
+        try:
+            sock = socket.create_connection((host, reply.port), timeout=self._timeout)
+        except OSError as e:
+            log.warning("kv-server bulk stream at %s:%d unreachable (%s); putting through gRPC for %.0f s",
+                        host, reply.port, e, RETRY_UNREACHABLE_S)
+            self._use_grpc_until = time.monotonic() + RETRY_UNREACHABLE_S
+            return None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_kernel_timeouts(sock, self._timeout)
+            if reply.tls:
+                if self._ssl is None:
+                    raise BulkError("the kv-server's bulk stream needs TLS; configure the tier with tls=1")
+                sock = self._ssl.wrap_socket(sock, server_hostname=self._server_hostname)
+            sock.sendall(MAGIC + reply.ticket)
+            status, _, _, message = read_reply(sock)
+            if status != OK:
+                raise BulkError(f"bulk stream refused the connection: {message}", status)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def put(self, sock: socket.socket, items: Iterable[tuple[bytes, tuple | bytes]]) -> int:
+        """Send (key, value) pairs, a value being bytes or (header, payload) pieces, then SYNC;
+        the blocks stored. BulkError (an OSError) when the server refused some or the stream
+        broke; the connection is then closed, else it goes back to the pool."""
+        try:
+            try:
+                buffers, size = [], 0
+                for key, value in items:
+                    head, payload = value if isinstance(value, tuple) else (b"", value)
+                    nbytes = len(head) + len(payload)
+                    buffers += (put_frame(key, nbytes) + head, payload)
+                    size += nbytes
+                    if size >= SEND_BATCH_BYTES:
+                        send_buffers(sock, buffers)
+                        buffers, size = [], 0
+                buffers.append(SYNC_FRAME)
+                send_buffers(sock, buffers)
+            except OSError as e:
+                raise _why_closed(sock, e)
+            status, stored, rejected, message = read_reply(sock)
+            if status != OK:
+                raise BulkError(f"{rejected} block(s) refused: {message}", status, stored)
+        except BaseException:
+            sock.close()
+            raise
+        with self._lock:
+            if len(self._idle) < _MAX_IDLE:
+                self._idle.append(sock)
+                return stored
+        sock.close()
+        return stored
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+
+def _alive(sock: socket.socket) -> bool:
+    """An idle connection is readable only when the server closed it (or broke protocol)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+def _why_closed(sock: socket.socket, error: OSError) -> BulkError:
+    """A send failed: the server may have closed after an error reply; read it if so."""
+    try:
+        set_kernel_timeouts(sock, 0.5)
+        status, stored, rejected, message = read_reply(sock)
+        return BulkError(message or str(error), status, stored)
+    except OSError:
+        return BulkError(f"bulk stream broke: {error}")
