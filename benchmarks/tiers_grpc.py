@@ -153,7 +153,9 @@ def _grpc_vs_redis(args, layout: BlockLayout, name: str, clients: int, address: 
         ("grpc_stream", "put"): together(lambda c: stream_tiers[c].put(keys[c], src)),
     }
     try:
-        times = _alternate(getattr(args, "compare_repeats", 7), steps)
+        # Four warm-up rounds: both stores grow their memory during the first puts (page
+        # faults), and a long-running store is past that.
+        times = _alternate(getattr(args, "compare_repeats", 9), steps, warmup=4)
         for tiers in (grpc_tiers, stream_tiers, redis_tiers):
             for c, tier in enumerate(tiers):
                 if not all(tier.get(keys[c], dst[c])) or tier.stats().errors or tier.stats().skipped_writes:

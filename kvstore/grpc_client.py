@@ -78,10 +78,6 @@ class KVServerClient:
     def put_values(self, keys: list[bytes], values: Sequence[bytes]) -> None:
         self._send(zip(keys, values))
 
-    def put_values_grpc(self, keys: list[bytes], values: Sequence[bytes]) -> None:
-        """The gRPC Put stream alone (the reference path the bulk stream is compared with)."""
-        self._put(self._messages(zip(keys, values)), timeout=self._timeout, metadata=self._metadata)
-
     def _send(self, items) -> None:
         sock = self.bulk.connection() if self.bulk is not None else None
         if sock is not None:

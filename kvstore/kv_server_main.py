@@ -23,6 +23,7 @@ from kvtier.engine.sizes import parse_size, size_arg
 from kvtier.kvstore.kv_bulk_server import BulkListener
 from kvtier.kvstore.kv_server import BULK_TRANSFER_OPTIONS, KVStoreServicer, kvstore_handler
 from kvtier.kvstore.kv_server_health import HealthService
+from kvtier.kvstore.kv_server_memory import keep_block_memory_for_reuse
 from kvtier.kvstore.kv_server_auth import NamespaceResolver, TokenAuthInterceptor, load_token_file
 from kvtier.kvstore.kv_server_store import BlockStore
 
@@ -173,6 +174,7 @@ def _open_bulk(args, store: BlockStore) -> BulkListener:
 
 def run_kv_server(args: argparse.Namespace) -> int:
     """Serve until SIGTERM / SIGINT, then drain; the process exit code."""
+    keep_block_memory_for_reuse()
     try:
         running = start_server(args)
     except ValueError as e:

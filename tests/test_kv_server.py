@@ -283,3 +283,15 @@ def test_a_malformed_put_message_is_invalid_argument(server):
                                    response_deserializer=pb.PutResponse.FromString)
         code, message = status_of(put, iter([b"\x2a\x05abc"]))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in message
+
+
+def test_the_server_pins_glibcs_allocator_thresholds():
+    """The kv-server keeps block memory for reuse instead of mmap-ing and returning it per
+    block (kv_server_memory.py); glibc accepts the settings (this machine runs glibc)."""
+    import platform
+
+    from kvtier.kvstore.kv_server_memory import keep_block_memory_for_reuse
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator settings are glibc's")
+    assert keep_block_memory_for_reuse()
