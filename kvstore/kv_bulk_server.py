@@ -141,7 +141,7 @@ class BulkListener:
             if tag is not None:
                 set_kernel_timeouts(sock, IDLE_TIMEOUT_S)
                 _BulkPutSession(self, conn, sock, tag).run()
-        except (OSError, ssl.SSLError):
+        except OSError:  # ssl.SSLError included
             pass  # the client went away; its unsynced blocks are not acknowledged
         finally:
             with self._lock:
