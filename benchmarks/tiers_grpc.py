@@ -1,15 +1,15 @@
 """gRPC rows for benchmarks/tiers.py: the grpc tier next to its raw client, and next to Redis.
 
-- grpc: GrpcTier.put / .get on the model's blocks vs a raw gRPC client on the same server
-  (the kv_wire BlockChunk stream of values encoded beforehand; Get streams copied into the
-  destination tensors without verifying). The ratio prices what the tier adds: encoding,
-  the checksum written and verified, sharding bookkeeping.
+- grpc: GrpcTier.put / .get on the model's blocks vs a raw client of the same server's bulk
+  stream (values encoded beforehand; a GET whose payloads land in the destination tensors
+  unchecked). The ratio prices what the tier adds: encoding, the checksum written and
+  verified, header checks, sharding bookkeeping.
 - grpc_vs_redis: the same blocks through GrpcTier and through RedisTier (put + flush) on
   this machine, for 256 KiB, 1 MiB and 4 MiB values, with one client and with 8 concurrent
   clients (threads, each with its own tier and connection). Each row gives both GB/s and
-  ratio = grpc / redis (median of per-repeat ratios; the goal is >= 1.0). GrpcTier puts go
-  over the kv-server's bulk stream; put_grpc_stream_gbps is the same put with bulk=0 (all
-  through gRPC's Put), for comparison. Both stores run as their own processes: a private
+  ratio = grpc / redis (median of per-repeat ratios; the goal is >= 1.0). GrpcTier moves
+  blocks over the kv-server's bulk stream; put_/get_grpc_stream_gbps are the same calls
+  with bulk=0 (gRPC's Put and Get), for comparison. Both stores run as their own processes: a private
   `kvtier kv-server` and a private redis-server (or --redis-url), each on a free port,
   stopped afterwards.
 
@@ -32,6 +32,8 @@ from tiers import _row, make_keys
 from tiers_lmdb_redis import _one_torch_thread, _private_redis
 
 from kvtier.kvstore.keys import BlockKey
+from kvtier.kvstore.kv_bulk_protocol import VALUE_LENGTH, get_request
+from kvtier.kvstore.socket_io import recv_exact_into
 from kvtier.kvstore.tier_spec import BlockLayout
 
 VALUE_SIZES = {"256KiB": 2, "1MiB": 8, "4MiB": 32}  # layers of a [L, 2, 16, 8, 128] fp32 block
@@ -80,11 +82,17 @@ def _tier_vs_raw(args, layout: BlockLayout, address: str) -> list[dict]:
     keys = make_keys(args.batch, 0)
     raw_keys = [BlockKey(b"bench-raw", k.block_hash).to_bytes() for k in keys]
     raw_values = [encode_block(BlockKey.from_bytes(k), b) for k, b in zip(raw_keys, src)]
-    header = len(raw_values[0]) - layout.nbytes
+    header = memoryview(bytearray(len(raw_values[0]) - layout.nbytes))
+    length = memoryview(bytearray(VALUE_LENGTH.size))
 
-    def raw_get():  # the stream, then a copy of each payload: no header check, no checksum
-        for value, out in zip(server.get(raw_keys), dst):
-            out.copy_(torch.frombuffer(value[header:], dtype=layout.dtype).view(layout.shape))
+    def raw_get():  # each payload straight into its tensor: no header check, no checksum
+        sock = server.bulk.connection()
+        sock.sendall(get_request(raw_keys))
+        for out in dst:
+            recv_exact_into(sock, length)
+            recv_exact_into(sock, header)
+            recv_exact_into(sock, memoryview(out.numpy()).cast("B"))
+        server.bulk.release(sock)
 
     steps = {
         ("tier", "put"): lambda: tier.put(keys, src),
@@ -151,6 +159,7 @@ def _grpc_vs_redis(args, layout: BlockLayout, name: str, clients: int, address: 
         ("grpc", "get"): together(lambda c: grpc_tiers[c].get(keys[c], dst[c])),
         ("redis", "get"): together(lambda c: redis_tiers[c].get(keys[c], dst[c])),
         ("grpc_stream", "put"): together(lambda c: stream_tiers[c].put(keys[c], src)),
+        ("grpc_stream", "get"): together(lambda c: stream_tiers[c].get(keys[c], dst[c])),
     }
     try:
         # Four warm-up rounds: both stores grow their memory during the first puts (page
@@ -173,5 +182,6 @@ def _grpc_vs_redis(args, layout: BlockLayout, name: str, clients: int, address: 
         row[f"{op}_grpc_gbps"] = round(nbytes / statistics.median(g) / 1e9, 3)
         row[f"{op}_redis_gbps"] = round(nbytes / statistics.median(r) / 1e9, 3)
         row[f"{op}_ratio"] = round(statistics.median(rt / gt for gt, rt in zip(g, r)), 3)
-    row["put_grpc_stream_gbps"] = round(nbytes / statistics.median(times["grpc_stream", "put"]) / 1e9, 3)
+    for op in ("put", "get"):
+        row[f"{op}_grpc_stream_gbps"] = round(nbytes / statistics.median(times["grpc_stream", op]) / 1e9, 3)
     return row

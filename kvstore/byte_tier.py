@@ -43,6 +43,11 @@ class ByteStoreTier(Tier):
     def _remove(self, keys: list[bytes]) -> None:
         """Delete keys."""
 
+    def _read_into(self, raw_keys: list[bytes], keys: Sequence[BlockKey], into: Sequence[torch.Tensor]):
+        """Read and decode into the tensors: (ok flags, positions of corrupt values, bytes
+        read). Stores that can receive a payload straight into its tensor override this."""
+        return decode_values(self._read(raw_keys), keys, into)
+
     def _write_parts(self, keys: list[bytes], parts: Iterable[tuple[bytes, memoryview]]) -> None:
         """Store values given as (header, payload) pairs, produced lazily as they are
         encoded; payloads may be views of the caller's blocks, valid only during the call.
@@ -69,25 +74,12 @@ class ByteStoreTier(Tier):
         start = time.perf_counter()
         raw_keys = [k.to_bytes() for k in keys]
         try:
-            values = self._read(raw_keys)
+            ok, corrupt, nbytes = self._read_into(raw_keys, keys, into)
         except StoreUnavailable:
             self._stats.add(errors=1, misses=len(keys))
             return [False] * len(keys)
-        ok: list[bool] = []
-        corrupt: list[bytes] = []
-        nbytes = 0
-        for key, raw, value, dst in zip(keys, raw_keys, values, into):
-            if value is None:
-                ok.append(False)
-                continue
-            try:
-                nbytes += decode_into(value, key_digest(key), dst)
-                ok.append(True)
-            except CorruptBlock:
-                corrupt.append(raw)
-                ok.append(False)
         if corrupt:
-            self._drop(corrupt)
+            self._drop([raw_keys[i] for i in corrupt])
         hits = sum(ok)
         self._stats.add(
             hits=hits,
@@ -126,3 +118,23 @@ class ByteStoreTier(Tier):
             self._remove(raw_keys)
         except StoreUnavailable:
             self._stats.add(errors=1)
+
+
+def decode_values(values: Sequence, keys: Sequence[BlockKey], into: Sequence[torch.Tensor]
+                  ) -> tuple[list[bool], list[int], int]:
+    """Verify and decode each value (None: absent) into its tensor: (ok flags, positions of
+    corrupt values, bytes decoded)."""
+    ok: list[bool] = []
+    corrupt: list[int] = []
+    nbytes = 0
+    for i, (key, value, dst) in enumerate(zip(keys, values, into)):
+        if value is None:
+            ok.append(False)
+            continue
+        try:
+            nbytes += decode_into(value, key_digest(key), dst)
+            ok.append(True)
+        except CorruptBlock:
+            corrupt.append(i)
+            ok.append(False)
+    return ok, corrupt, nbytes

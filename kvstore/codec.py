@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib
 import struct
 import warnings
 from collections.abc import Callable
@@ -63,6 +64,12 @@ _CODECS: dict[str, Callable[[], Codec]] = {"raw": Codec}
 _CODECS_BY_ID: dict[int, Codec] = {0: Codec()}
 
 
+# Built-in codecs that register themselves when their module is first imported: a reader
+# (any tier, the kv-server) must decode values whatever codec their writer chose.
+_BUILTIN_MODULES = {"fp8": "kvtier.kvstore.codec_fp8"}
+_BUILTIN_IDS = {1: "fp8"}
+
+
 def register_codec(factory: Callable[[], Codec]) -> None:
     codec = factory()
     _CODECS[codec.name] = factory
@@ -70,12 +77,18 @@ def register_codec(factory: Callable[[], Codec]) -> None:
 
 
 def get_codec(name: str) -> Codec:
-    if name not in _CODECS and name == "fp8":
-        import kvtier.kvstore.codec_fp8  # noqa: F401  (registers itself)
+    if name not in _CODECS and name in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[name])
     try:
         return _CODECS[name]()
     except KeyError:
-        raise ValueError(f"codec: unknown {name!r}; known: {', '.join(sorted(_CODECS))}")
+        raise ValueError(f"codec: unknown {name!r}; known: {', '.join(sorted({*_CODECS, *_BUILTIN_MODULES}))}")
+
+
+def _codec_by_id(codec_id: int) -> Codec | None:
+    if codec_id not in _CODECS_BY_ID and codec_id in _BUILTIN_IDS:
+        get_codec(_BUILTIN_IDS[codec_id])
+    return _CODECS_BY_ID.get(codec_id)
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -122,8 +135,10 @@ def encode_block(key: BlockKey, block: torch.Tensor, codec: Codec | None = None)
     return b"".join(encode_parts(key, block, codec))
 
 
-def parse_header(value: bytes | memoryview) -> tuple[int, torch.dtype, tuple[int, ...], bytes, int]:
-    """(codec id, dtype, shape, key digest, payload length) after structural checks."""
+def parse_header(value: bytes | memoryview, value_bytes: int | None = None
+                 ) -> tuple[int, torch.dtype, tuple[int, ...], bytes, int]:
+    """(codec id, dtype, shape, key digest, payload length) after structural checks.
+    `value` may be the header alone when `value_bytes` gives the whole value's size."""
     if len(value) < HEADER_BYTES:
         raise CorruptBlock(f"value of {len(value)} bytes is shorter than the {HEADER_BYTES}-byte header")
     magic, version, codec_id, dtype_id, ndim, *rest = _HEAD.unpack_from(value)
@@ -132,10 +147,11 @@ def parse_header(value: bytes | memoryview) -> tuple[int, torch.dtype, tuple[int
         raise CorruptBlock("bad magic: not a kvtier block value")
     if version != VERSION:
         raise CorruptBlock(f"unsupported block format version {version}")
-    if codec_id not in _CODECS_BY_ID or dtype_id not in _DTYPES or ndim > _MAX_DIMS:
+    if _codec_by_id(codec_id) is None or dtype_id not in _DTYPES or ndim > _MAX_DIMS:
         raise CorruptBlock(f"unknown codec {codec_id} / dtype {dtype_id} / ndim {ndim}")
-    if len(value) != HEADER_BYTES + length:
-        raise CorruptBlock(f"value has {len(value) - HEADER_BYTES} payload bytes, header says {length}")
+    size = len(value) if value_bytes is None else value_bytes
+    if size != HEADER_BYTES + length:
+        raise CorruptBlock(f"value has {size - HEADER_BYTES} payload bytes, header says {length}")
     return codec_id, _DTYPES[dtype_id], tuple(shape[:ndim]), digest, length
 
 
@@ -143,12 +159,36 @@ def _checked(value: bytes | memoryview, digest: bytes | None):
     """Parse the header once and verify checksum and key: (codec id, dtype, shape, payload)."""
     codec_id, dtype, shape, stored_digest, _length = parse_header(value)
     view = memoryview(value)
-    checksum = xxhash.xxh3_64_intdigest(view[HEADER_BYTES:], seed=xxhash.xxh3_64_intdigest(view[: _HEAD.size]))
-    if checksum != _CHECKSUM.unpack_from(view, _HEAD.size)[0]:
-        raise CorruptBlock("checksum mismatch")
+    verify_payload(view[:HEADER_BYTES], view[HEADER_BYTES:])
     if digest is not None and stored_digest != digest:
         raise CorruptBlock("value belongs to another key")
     return codec_id, dtype, shape, view[HEADER_BYTES:]
+
+
+def verify_payload(head: bytes | memoryview, payload: bytes | memoryview) -> None:
+    """CorruptBlock unless the header's checksum matches this payload (and header)."""
+    checksum = xxhash.xxh3_64_intdigest(payload, seed=xxhash.xxh3_64_intdigest(memoryview(head)[: _HEAD.size]))
+    if checksum != _CHECKSUM.unpack_from(head, _HEAD.size)[0]:
+        raise CorruptBlock("checksum mismatch")
+
+
+def payload_destination(head: bytes | memoryview, value_bytes: int, digest: bytes, dst: torch.Tensor
+                        ) -> memoryview | None:
+    """For a reader that has only the header so far: dst's own bytes when the payload can be
+    received straight into them (raw codec, dst's dtype and shape, a contiguous CPU tensor),
+    else None (receive the whole value, then decode_into). CorruptBlock when the header is
+    bad, belongs to another key, or has another shape. Verify the payload afterwards
+    (verify_payload): until then dst holds unchecked bytes."""
+    codec_id, dtype, shape, stored_digest, length = parse_header(head, value_bytes)
+    if stored_digest != digest:
+        raise CorruptBlock("value belongs to another key")
+    if tuple(dst.shape) != shape:
+        raise CorruptBlock(f"stored shape {shape} != {tuple(dst.shape)}")
+    if codec_id != 0 or dtype != dst.dtype or dst.device.type != "cpu" or not dst.is_contiguous():
+        return None
+    if dtype.itemsize * dst.numel() != length:
+        raise CorruptBlock("raw payload size does not match its shape")
+    return memoryview(dst.view(torch.uint8).numpy()).cast("B")
 
 
 def verify_value(value: bytes | memoryview, key: BlockKey | None = None) -> None:

@@ -1,8 +1,8 @@
 """One connection to one kv-server: the calls GrpcTier makes, each with a deadline.
 
-Puts go over the server's bulk stream (kv_bulk_client.py) when it has one, else as gRPC
-Put streams; Get's and Put's BlockChunks messages are encoded by kv_wire.py, the rest by
-the generated stubs. Calls raise grpc.RpcError or OSError (the bulk stream); GrpcTier turns
+Block bytes go over the server's bulk stream (kv_bulk_client.py) when it has one, else as
+gRPC Put / Get streams, whose BlockChunks messages kv_wire.py encodes; the rest goes
+through the generated stubs. Calls raise grpc.RpcError or OSError (the bulk stream); GrpcTier turns
 either into misses and the circuit breaker.
 """
 from __future__ import annotations
@@ -12,10 +12,11 @@ from collections.abc import Callable, Sequence
 import grpc
 import torch
 
+from kvtier.kvstore.byte_tier import decode_values
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
-from kvtier.kvstore.codec import Codec, encode_parts
+from kvtier.kvstore.codec import Codec, encode_parts, key_digest
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.kv_bulk_client import BulkPutter
+from kvtier.kvstore.kv_bulk_client import BulkClient
 from kvtier.kvstore.kv_server import SERVICE
 from kvtier.kvstore.kv_wire import decode_chunks, pack, split_value
 from kvtier.proto.kvtier.v1 import kvstore_pb2 as pb
@@ -24,7 +25,7 @@ from kvtier.proto.kvtier.v1 import kvstore_pb2_grpc
 
 class KVServerClient:
     def __init__(self, address: str, channel: grpc.Channel, *, metadata, timeout_s: float, max_message_bytes: int,
-                 breaker: CircuitBreaker, bulk: Callable[..., BulkPutter] | None = None):
+                 breaker: CircuitBreaker, bulk: Callable[..., BulkClient] | None = None):
         self.address = address
         self.channel = channel
         self.breaker = breaker
@@ -37,7 +38,7 @@ class KVServerClient:
                                          response_deserializer=decode_chunks)
         self._put = channel.stream_unary(f"/{SERVICE}/Put", request_serializer=None,  # already encoded
                                          response_deserializer=pb.PutResponse.FromString)
-        # bulk(host, open_bulk) makes the BulkPutter; None: puts always go through gRPC
+        # bulk(host, open_bulk) makes the BulkClient; None: blocks always go through gRPC
         self.bulk = bulk(address.rpartition(":")[0].strip("[]"), self._open_bulk) if bulk else None
 
     def _open_bulk(self):
@@ -74,6 +75,14 @@ class KVServerClient:
             if chunk.offset + len(data) == len(buf):
                 out[index], buf = buf, None
         return out
+
+    def get_into(self, keys: Sequence[BlockKey], into: Sequence[torch.Tensor]) -> tuple[list[bool], list[int], int]:
+        """Read and decode into the tensors: (ok flags, positions of corrupt values, bytes read)."""
+        raw = [k.to_bytes() for k in keys]
+        sock = self.bulk.connection() if self.bulk is not None else None
+        if sock is None:
+            return decode_values(self.get(raw), keys, into)
+        return self.bulk.get_into(sock, raw, [key_digest(k) for k in keys], list(into))
 
     def put_values(self, keys: list[bytes], values: Sequence[bytes]) -> None:
         self._send(zip(keys, values))

@@ -8,9 +8,10 @@
   deadline. A server that fails or times out is a miss / a skipped write for its keys, the
   other servers still answer, and a circuit breaker per server stops paying timeouts to a
   dead one until a probe after the cool-down succeeds. Nothing raises into the engine.
-- Puts travel over each server's bulk stream (kv_bulk_protocol.py: plain frames on a TCP
-  or TLS connection beside gRPC, about twice Python gRPC's throughput) when it offers one;
-  bulk=0 keeps them on gRPC's Put. Everything else is gRPC.
+- Block bytes travel over each server's bulk stream (kv_bulk_protocol.py: plain frames on a
+  TCP or TLS connection beside gRPC; puts run at about twice Python gRPC's speed, and gets
+  land straight in the destination tensors) when it offers one; bulk=0 keeps them on
+  gRPC's Put and Get. Lookups, deletes and stats are gRPC.
 - Options: token_file (sent as `authorization: Bearer`), tls=1, ca=PEM (custom CA, e.g. a
   self-signed server), cert=PEM & key=PEM (a client certificate, for servers that require
   one: mutual TLS), server_name (TLS name to expect), namespace (`kvtier-namespace`),
@@ -33,7 +34,7 @@ from kvtier.kvstore.byte_tier import ByteStoreTier, StoreUnavailable
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
 from kvtier.kvstore.grpc_client import KVServerClient
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.kv_bulk_client import BulkPutter
+from kvtier.kvstore.kv_bulk_client import BulkClient
 from kvtier.kvstore.kv_server import BULK_TRANSFER_OPTIONS
 from kvtier.kvstore.rendezvous import Rendezvous
 
@@ -106,8 +107,8 @@ class GrpcTier(ByteStoreTier):
             options.append(("grpc.ssl_target_name_override", server_name))
         credentials, bulk_tls = (_tls(ca_cert, client_cert, client_key) if tls else (None, None))
 
-        def bulk_putter(host: str, open_bulk) -> BulkPutter:
-            return BulkPutter(host, open_bulk, timeout_s=timeout_s, ssl_context=bulk_tls, server_hostname=server_name)
+        def bulk_client(host: str, open_bulk) -> BulkClient:
+            return BulkClient(host, open_bulk, timeout_s=timeout_s, ssl_context=bulk_tls, server_hostname=server_name)
 
         self._servers: list[KVServerClient] = []
         for address in servers:
@@ -116,7 +117,7 @@ class GrpcTier(ByteStoreTier):
             self._servers.append(KVServerClient(
                 address, channel, metadata=tuple(metadata) or None, timeout_s=timeout_s,
                 max_message_bytes=max_message_bytes, breaker=CircuitBreaker(failure_threshold, cooldown_s),
-                bulk=bulk_putter if bulk else None))
+                bulk=bulk_client if bulk else None))
         # One thread per server: a batch touching every server waits for the slowest only.
         self._pool = ThreadPoolExecutor(len(servers), "kvtier-grpc") if len(servers) > 1 else None
 
@@ -211,6 +212,20 @@ class GrpcTier(ByteStoreTier):
 
     def _read(self, keys: list[bytes]) -> list[memoryview | bytearray | None]:
         return self._scatter(keys, lambda server, pos: server.get([keys[i] for i in pos]), None)
+
+    def _read_into(self, raw_keys: list[bytes], keys: Sequence[BlockKey], into: Sequence[torch.Tensor]):
+        def read(server: KVServerClient, positions: list[int]):
+            return server.get_into([keys[i] for i in positions], [into[i] for i in positions])
+
+        ok, corrupt, nbytes = [False] * len(keys), [], 0
+        for positions, result in self._each_server(raw_keys, read):
+            if result is _FAILED:
+                continue
+            for pos, hit in zip(positions, result[0]):
+                ok[pos] = hit
+            corrupt += [positions[i] for i in result[1]]
+            nbytes += result[2]
+        return ok, corrupt, nbytes
 
     def _write(self, keys: list[bytes], values: list[bytes]) -> None:
         results = self._each_server(

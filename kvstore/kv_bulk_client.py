@@ -1,10 +1,11 @@
 """Client side of the kv-server's bulk stream (protocol: kv_bulk_protocol.py).
 
-One BulkPutter per server keeps a few open connections (one per concurrent put). A new
+One BulkClient per server keeps a few open connections (one per concurrent call). A new
 connection costs one OpenBulk gRPC call for its ticket, a TCP (TLS) connect and the HELLO
-round trip; after that a put is its frames and one SYNC round trip. When the server has no
-bulk stream (OpenBulk answers port 0) or its bulk port cannot be reached, connection()
-answers None and the caller sends through gRPC's Put instead.
+round trip; after that a put is its frames and one SYNC round trip, a get one round trip
+whose values land straight in the destination tensors. When the server has no bulk stream
+(OpenBulk answers port 0) or its bulk port cannot be reached, connection() answers None
+and the caller uses gRPC's Put and Get instead.
 """
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from kvtier.kvstore.kv_bulk_protocol import MAGIC, OK, SYNC_FRAME, BulkError, put_frame, read_reply
-from kvtier.kvstore.socket_io import SEND_BATCH_BYTES, send_buffers, set_kernel_timeouts
+import torch
+
+from kvtier.kvstore.codec import HEADER_BYTES, CorruptBlock, decode_into, payload_destination, verify_payload
+from kvtier.kvstore.kv_bulk_protocol import (
+    MAGIC, OK, SYNC_FRAME, VALUE_LENGTH, BulkError, get_request, put_frame, read_reply,
+)
+from kvtier.kvstore.socket_io import SEND_BATCH_BYTES, recv_exact_into, send_buffers, set_kernel_timeouts
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +31,7 @@ RETRY_UNREACHABLE_S = 60.0  # after the bulk port could not be reached, use gRPC
 _MAX_IDLE = 8  # open connections kept per server
 
 
-class BulkPutter:
+class BulkClient:
     def __init__(self, host: str, open_bulk: Callable[[], object], *, timeout_s: float,
                  ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None):
         self._host = host
@@ -37,7 +43,7 @@ class BulkPutter:
         self._use_grpc_until = 0.0
 
     def connection(self) -> socket.socket | None:
-        """An open, authenticated connection; None when puts should go through gRPC."""
+        """An open, authenticated connection; None when calls should go through gRPC."""
         if time.monotonic() < self._use_grpc_until:
             return None
         with self._lock:
@@ -54,7 +60,7 @@ class BulkPutter:
         try:
             sock = socket.create_connection((host, reply.port), timeout=self._timeout)
         except OSError as e:
-            log.warning("kv-server bulk stream at %s:%d unreachable (%s); putting through gRPC for %.0f s",
+            log.warning("kv-server bulk stream at %s:%d unreachable (%s); using gRPC for %.0f s",
                         host, reply.port, e, RETRY_UNREACHABLE_S)
             self._use_grpc_until = time.monotonic() + RETRY_UNREACHABLE_S
             return None
@@ -99,18 +105,78 @@ class BulkPutter:
         except BaseException:
             sock.close()
             raise
+        self.release(sock)
+        return stored
+
+    def get_into(self, sock: socket.socket, keys: list[bytes], digests: list[bytes], into: list[torch.Tensor]
+                 ) -> tuple[list[bool], list[int], int]:
+        """GET the keys; each raw value's payload is received straight into its tensor, the
+        rest decoded from a buffer; every one verified. (ok flags, positions of corrupt
+        values, bytes read). A tensor whose value failed holds unchecked bytes: it is not ok."""
+        ok, corrupt, nbytes = [False] * len(keys), [], 0
+        length, head = memoryview(bytearray(VALUE_LENGTH.size)), memoryview(bytearray(HEADER_BYTES))
+        try:
+            sock.sendall(get_request(keys))
+            for i, (digest, dst) in enumerate(zip(digests, into)):
+                recv_exact_into(sock, length)
+                size = VALUE_LENGTH.unpack(length)[0]
+                if size == 0:
+                    continue  # absent
+                if size < HEADER_BYTES:
+                    raise BulkError(f"GET answered a {size}-byte value, shorter than a block header")
+                recv_exact_into(sock, head)
+                try:
+                    _receive_value(sock, head, size, digest, dst)
+                except CorruptBlock:
+                    corrupt.append(i)
+                    continue
+                ok[i] = True
+                nbytes += size
+        except BaseException:
+            sock.close()
+            raise
+        self.release(sock)
+        return ok, corrupt, nbytes
+
+    def release(self, sock: socket.socket) -> None:
+        """Back to the pool (for a caller that used the connection directly)."""
         with self._lock:
             if len(self._idle) < _MAX_IDLE:
                 self._idle.append(sock)
-                return stored
+                return
         sock.close()
-        return stored
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for sock in idle:
             sock.close()
+
+
+def _receive_value(sock: socket.socket, head: memoryview, size: int, digest: bytes, dst: torch.Tensor) -> None:
+    """The rest of one value (its header already read) into dst; CorruptBlock, with the
+    value's bytes consumed all the same, when it fails its checks."""
+    try:
+        target = payload_destination(head, size, digest, dst)
+    except CorruptBlock:
+        _discard(sock, size - HEADER_BYTES)
+        raise
+    if target is not None:
+        recv_exact_into(sock, target)
+        verify_payload(head, target)
+        return
+    value = bytearray(size)
+    value[:HEADER_BYTES] = head
+    recv_exact_into(sock, memoryview(value)[HEADER_BYTES:])
+    decode_into(value, digest, dst)
+
+
+def _discard(sock: socket.socket, n: int) -> None:
+    scratch = memoryview(bytearray(min(n, 1 << 20)))
+    while n:
+        step = min(n, len(scratch))
+        recv_exact_into(sock, scratch[:step])
+        n -= step
 
 
 def _alive(sock: socket.socket) -> bool:

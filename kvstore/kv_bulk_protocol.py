@@ -3,8 +3,9 @@
 Why a second transport: Python's gRPC moves about 1.2 GB/s on loopback even when the server
 does nothing with the bytes (HTTP/2 framing and several copies per message inside grpcio),
 while a socket written with sendmsg and read with recv_into into the final buffer moves
-2-3 GB/s. So Put's bytes travel here and gRPC keeps the calls where the bytes are few
-(Lookup, Delete, Stats) or where it is already faster than the competition (Get).
+2-3 GB/s. So blocks travel here both ways (a GET's values go straight into the client's
+destination tensors) and gRPC keeps the calls where the bytes are few (Lookup, Delete,
+Stats); gRPC's Put and Get stay for clients and servers without a bulk stream.
 
     client                                   server
     HELLO  b"KVTBULK1" + ticket (32 B)  ->
@@ -12,6 +13,8 @@ while a socket written with sendmsg and read with recv_into into the final buffe
     PUT    frame + key + value          ->   (any number; no reply each)
     SYNC   frame                        ->
                                         <-   REPLY: stored / rejected since the last SYNC
+    GET    frame + n x (u16 length, key)->
+                                        <-   n x (u64 length, value); length 0: absent
 
 The ticket comes from the OpenBulk gRPC call, so authentication and the namespace are
 decided once, by the same code as every gRPC call. A value that fails its checks is
@@ -30,8 +33,11 @@ MAGIC = b"KVTBULK1"
 TICKET_BYTES = 32
 HELLO_BYTES = len(MAGIC) + TICKET_BYTES
 
-OP_PUT, OP_SYNC = 1, 2
-FRAME = struct.Struct("<BxHQ")  # op, key length, value length
+OP_PUT, OP_SYNC, OP_GET = 1, 2, 3
+FRAME = struct.Struct("<BxHQ")  # op, key length, value length (GET: 0, number of keys)
+KEY_LENGTH = struct.Struct("<H")  # before each key of a GET
+VALUE_LENGTH = struct.Struct("<Q")  # before each value a GET answers
+MAX_GET_KEYS = 65536
 REPLY = struct.Struct("<BIIH")  # status, stored, rejected, message length (then the message)
 
 # gRPC status numbers
@@ -59,6 +65,10 @@ def put_frame(key: bytes, value_bytes: int) -> bytes:
 
 
 SYNC_FRAME = FRAME.pack(OP_SYNC, 0, 0)
+
+
+def get_request(keys: list[bytes]) -> bytes:
+    return FRAME.pack(OP_GET, 0, len(keys)) + b"".join(KEY_LENGTH.pack(len(k)) + k for k in keys)
 
 
 def encode_reply(status: int, stored: int = 0, rejected: int = 0, message: str = "") -> bytes:

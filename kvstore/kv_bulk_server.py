@@ -2,7 +2,8 @@
 
 One thread per connection, each receiving every value straight into the buffer the store
 then keeps (recv_into, no intermediate copies), verifying it with the same checks as the
-gRPC Put, and handing verified blocks to the store in batches. Connections come in through
+gRPC Put, and handing verified blocks to the store in batches; a GET's values go out by
+scatter-gather sendmsg straight from the stored buffers. Connections come in through
 tickets that OpenBulk issued after authenticating the gRPC call, so this file knows nothing
 about tokens: a ticket stands for one namespace, once.
 """
@@ -20,11 +21,11 @@ import numpy as np
 from kvtier.kvstore.byte_tier import StoreUnavailable
 from kvtier.kvstore.codec import HEADER_BYTES
 from kvtier.kvstore.kv_bulk_protocol import (
-    FRAME, HELLO_BYTES, INVALID_ARGUMENT, MAGIC, OK, OP_PUT, OP_SYNC, RESOURCE_EXHAUSTED, UNAUTHENTICATED,
-    UNAVAILABLE, encode_reply,
+    FRAME, HELLO_BYTES, INVALID_ARGUMENT, KEY_LENGTH, MAGIC, MAX_GET_KEYS, OK, OP_GET, OP_PUT, OP_SYNC,
+    RESOURCE_EXHAUSTED, UNAUTHENTICATED, UNAVAILABLE, VALUE_LENGTH, encode_reply,
 )
 from kvtier.kvstore.kv_server_store import MAX_KEY_BYTES, BlockStore, PutBatch, value_problem
-from kvtier.kvstore.socket_io import recv_exact_into, set_kernel_timeouts
+from kvtier.kvstore.socket_io import SEND_BATCH_BYTES, recv_exact_into, send_buffers, set_kernel_timeouts
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class BulkListener:
             tag = self._handshake(sock)
             if tag is not None:
                 set_kernel_timeouts(sock, IDLE_TIMEOUT_S)
-                _BulkPutSession(self, conn, sock, tag).run()
+                _BulkSession(self, conn, sock, tag).run()
         except OSError:  # ssl.SSLError included
             pass  # the client went away; its unsynced blocks are not acknowledged
         finally:
@@ -159,7 +160,7 @@ class BulkListener:
         return tag
 
 
-class _BulkPutSession:
+class _BulkSession:
     """The frames of one authenticated connection."""
 
     def __init__(self, listener: BulkListener, conn: socket.socket, sock, tag: bytes):
@@ -175,15 +176,18 @@ class _BulkPutSession:
             recv_exact_into(self._sock, head)
             op, key_len, value_len = FRAME.unpack(head)
             try:
-                if op == OP_PUT:
-                    self._listener._set_busy(self._conn, True)
-                    self._receive_block(key_len, value_len)
-                elif op == OP_SYNC:
-                    self._sync()
-                    if not self._listener._set_busy(self._conn, False):
-                        return
-                else:
+                if op not in (OP_PUT, OP_SYNC, OP_GET):
                     raise _FatalFrame(INVALID_ARGUMENT, f"unknown frame op {op}")
+                self._listener._set_busy(self._conn, True)
+                if op == OP_PUT:
+                    self._receive_block(key_len, value_len)
+                    continue  # still inside the batch: busy until its SYNC
+                if op == OP_SYNC:
+                    self._sync()
+                else:
+                    self._answer_get(value_len)
+                if not self._listener._set_busy(self._conn, False):
+                    return  # the server is closing and this connection's work is answered
             except _FatalFrame as e:
                 self._flush()  # blocks that arrived whole and verified are kept
                 self._sock.sendall(encode_reply(e.status, self._batch.take_stored(), self._rejected + 1, str(e)))
@@ -213,6 +217,30 @@ class _BulkPutSession:
             self._batch.add(self._tag + key, value)
         except StoreUnavailable as e:
             raise _FatalFrame(UNAVAILABLE, f"persistent store failed: {e}")
+
+    def _answer_get(self, count: int) -> None:
+        if count > MAX_GET_KEYS:
+            raise _FatalFrame(INVALID_ARGUMENT, f"GET of {count} keys; at most {MAX_GET_KEYS} per call")
+        keys = []
+        size = memoryview(bytearray(KEY_LENGTH.size))
+        for i in range(count):
+            recv_exact_into(self._sock, size)
+            key_len = KEY_LENGTH.unpack(size)[0]
+            if not 0 < key_len <= MAX_KEY_BYTES:
+                raise _FatalFrame(INVALID_ARGUMENT, f"GET key {i}: {key_len} bytes (1 to {MAX_KEY_BYTES} allowed)")
+            key = bytearray(key_len)
+            recv_exact_into(self._sock, memoryview(key))
+            keys.append(self._tag + key)
+        buffers, batch = [], 0
+        for value in self._store.get_many(keys):
+            buffers.append(VALUE_LENGTH.pack(0 if value is None else len(value)))
+            if value is not None:
+                buffers.append(value)
+                batch += len(value)
+            if batch >= SEND_BATCH_BYTES:
+                send_buffers(self._sock, buffers)
+                buffers, batch = [], 0
+        send_buffers(self._sock, buffers)
 
     def _reject(self, status: int, message: str) -> None:
         self._store.reject()

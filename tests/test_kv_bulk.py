@@ -1,6 +1,6 @@
-"""The kv-server's bulk stream (Put bytes beside gRPC) against real server processes: the
-protocol from a raw socket client, its equivalence with gRPC's Put, auth, TLS, mutual TLS,
-restarts and fallback."""
+"""The kv-server's bulk stream (block bytes beside gRPC) against real server processes: the
+protocol from a raw socket client, its equivalence with gRPC's Put and Get, auth, TLS,
+mutual TLS, restarts, corruption and fallback."""
 import os
 import signal
 import socket
@@ -15,8 +15,10 @@ from kvtier.kvstore.codec import encode_block
 from kvtier.kvstore.grpc_tier import GrpcTier
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.kv_bulk_protocol import (
-    FRAME, INVALID_ARGUMENT, MAGIC, OK, OP_PUT, RESOURCE_EXHAUSTED, SYNC_FRAME, UNAUTHENTICATED, put_frame, read_reply,
+    FRAME, INVALID_ARGUMENT, MAGIC, OK, OP_PUT, RESOURCE_EXHAUSTED, SYNC_FRAME, UNAUTHENTICATED, VALUE_LENGTH,
+    get_request, put_frame, read_reply,
 )
+from kvtier.kvstore.socket_io import recv_exact_into
 from kvtier.proto.kvtier.v1 import kvstore_pb2 as pb
 from kvtier.proto.kvtier.v1 import kvstore_pb2_grpc
 from tls_certs import make_certificates
@@ -275,3 +277,77 @@ def test_sigterm_closes_idle_connections_and_lets_a_busy_one_finish_its_batch():
         assert sync(busy) == (OK, 1, 0, "")
         assert busy.recv(1) == b""  # closed once its batch was answered
         assert server.proc.wait(30) == 0
+
+
+def test_get_over_the_stream_answers_in_order_with_absent_keys_empty(server, stub):
+    sock, _ = connect(server, stub)
+    present, absent = new_key(), new_key()
+    value = block_value(present, 70_000)
+    put(sock, present, value)
+    assert sync(sock)[:2] == (OK, 1)
+    sock.sendall(get_request([absent, present, present]))
+    answers = []
+    for _ in range(3):
+        size = VALUE_LENGTH.unpack(recv_exactly(sock, VALUE_LENGTH.size))[0]
+        answers.append(recv_exactly(sock, size) if size else None)
+    assert answers == [None, value, value]
+    sock.sendall(get_request([b""]))  # an empty key ends the connection with a reason
+    status, _, _, message = read_reply(sock)
+    assert status == INVALID_ARGUMENT and "GET key 0" in message
+    sock.close()
+
+
+def recv_exactly(sock, n: int) -> bytes:
+    out = bytearray(n)
+    recv_exact_into(sock, memoryview(out))
+    return bytes(out)
+
+
+def test_gets_into_tensors_match_the_grpc_reference():
+    """The fast path (GET straight into the tensors) against the reference (gRPC Get, then
+    decode): raw float32 and bfloat16 blocks, an fp8 tier, a non-contiguous destination and
+    a destination of another dtype all read back the same."""
+    with KVServerProcess("--capacity", "64MiB") as server:
+        for codec, dtype in (("raw", torch.float32), ("raw", torch.bfloat16), ("fp8", torch.float32)):
+            fast = GrpcTier([server.address], codec=codec, namespace=f"f-{codec}")
+            reference = GrpcTier([server.address], codec=codec, namespace=f"f-{codec}", bulk=False)
+            keys = [BlockKey(b"model", os.urandom(32)) for _ in range(6)]
+            data = [torch.randn(SHAPE).to(dtype) for _ in keys]
+            fast.put(keys, data)
+            into_fast = [torch.empty_like(d) for d in data]
+            into_ref = [torch.empty_like(d) for d in data]
+            into_fast[1] = torch.empty(SHAPE[::-1], dtype=dtype).permute(4, 3, 2, 1, 0)  # not contiguous
+            into_fast[2] = torch.empty(SHAPE, dtype=torch.float64)  # converted on the way
+            assert fast.get(keys, into_fast) == [True] * 6
+            assert reference.get(keys, into_ref) == [True] * 6
+            assert fast._servers[0].bulk._idle, "the get did not use the bulk stream"
+            for a, b in zip(into_fast, into_ref):
+                assert torch.equal(a.to(b.dtype), b)
+            if codec == "raw":
+                assert all(torch.equal(a.to(d.dtype), d) for a, d in zip(into_fast, data))
+            fast.close()
+            reference.close()
+
+
+def test_a_value_corrupted_on_the_servers_disk_is_a_miss_and_is_deleted(tmp_path):
+    keys = [BlockKey(b"model", os.urandom(32)) for _ in range(3)]
+    data = [torch.randn(SHAPE) for _ in keys]
+    with KVServerProcess("--capacity", "16MiB", "--persist", str(tmp_path / "kv")) as server:
+        tier = GrpcTier([server.address], timeout_s=5.0)
+        tier.put(keys, data)
+        tier.close()
+        assert server.terminate() == 0
+        disk = tmp_path / "kv" / "data.mdb"
+        raw = bytearray(disk.read_bytes())
+        where = raw.find(data[1].numpy().tobytes()[:64])
+        assert where > 0
+        raw[where + 100] ^= 0x40
+        disk.write_bytes(raw)
+        server.start()
+        tier = GrpcTier([server.address], timeout_s=5.0)
+        into = [torch.empty_like(d) for d in data]
+        assert tier.get(keys, into) == [True, False, True]
+        assert torch.equal(into[0], data[0]) and torch.equal(into[2], data[2])
+        assert tier.stats().errors == 1
+        assert tier.contains(keys) == [True, False, True]  # the corrupt value was deleted
+        tier.close()
