@@ -18,12 +18,29 @@ import time
 from collections.abc import Callable, Iterable
 
 import torch
-
-from kvtier.kvstore.codec import HEADER_BYTES, CorruptBlock, decode_into, payload_destination, verify_payload
-from kvtier.kvstore.kv_bulk_protocol import (
-    MAGIC, OK, SYNC_FRAME, VALUE_LENGTH, BulkError, get_request, put_frame, read_reply,
+from kvtier.kvstore.codec import (
+    HEADER_BYTES,
+    CorruptBlock,
+    decode_into,
+    payload_destination,
+    verify_payload,
 )
-from kvtier.kvstore.socket_io import SEND_BATCH_BYTES, recv_exact_into, send_buffers, set_kernel_timeouts
+from kvtier.kvstore.kv_bulk_protocol import (
+    MAGIC,
+    OK,
+    SYNC_FRAME,
+    VALUE_LENGTH,
+    BulkError,
+    get_request,
+    put_frame,
+    read_reply,
+)
+from kvtier.kvstore.socket_io import (
+    SEND_BATCH_BYTES,
+    recv_exact_into,
+    send_buffers,
+    set_kernel_timeouts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +197,14 @@ def _discard(sock: socket.socket, n: int) -> None:
 
 
 def _alive(sock: socket.socket) -> bool:
-    """An idle connection is readable only when the server closed it (or broke protocol)."""
+    """An idle connection is readable only when the server closed it (or broke protocol).
+    poll, not select: select fails on descriptors above 1023, common in a busy engine."""
+    poller = select.poll()
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
-    return not readable
 
 
 def _why_closed(sock: socket.socket, error: OSError) -> BulkError:

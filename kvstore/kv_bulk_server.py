@@ -17,15 +17,37 @@ import threading
 import time
 
 import numpy as np
-
 from kvtier.kvstore.byte_tier import StoreUnavailable
 from kvtier.kvstore.codec import HEADER_BYTES
 from kvtier.kvstore.kv_bulk_protocol import (
-    FRAME, HELLO_BYTES, INVALID_ARGUMENT, KEY_LENGTH, MAGIC, MAX_GET_KEYS, OK, OP_GET, OP_PUT, OP_SYNC,
-    RESOURCE_EXHAUSTED, UNAUTHENTICATED, UNAVAILABLE, VALUE_LENGTH, encode_reply,
+    FRAME,
+    HELLO_BYTES,
+    INVALID_ARGUMENT,
+    KEY_LENGTH,
+    MAGIC,
+    MAX_GET_KEYS,
+    OK,
+    OP_GET,
+    OP_PUT,
+    OP_SYNC,
+    RESOURCE_EXHAUSTED,
+    UNAUTHENTICATED,
+    UNAVAILABLE,
+    VALUE_LENGTH,
+    encode_reply,
 )
-from kvtier.kvstore.kv_server_store import MAX_KEY_BYTES, BlockStore, PutBatch, value_problem
-from kvtier.kvstore.socket_io import SEND_BATCH_BYTES, recv_exact_into, send_buffers, set_kernel_timeouts
+from kvtier.kvstore.kv_server_store import (
+    MAX_KEY_BYTES,
+    BlockStore,
+    PutBatch,
+    value_problem,
+)
+from kvtier.kvstore.socket_io import (
+    SEND_BATCH_BYTES,
+    recv_exact_into,
+    send_buffers,
+    set_kernel_timeouts,
+)
 
 log = logging.getLogger(__name__)
 

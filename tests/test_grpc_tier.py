@@ -1,8 +1,6 @@
 """GrpcTier against real kv-server processes: round trips, sharding, outages, persistence,
 auth, tenants, TLS, concurrency."""
 import os
-import shutil
-import subprocess
 import threading
 import time
 
@@ -14,6 +12,7 @@ from kvtier.kvstore.grpc_tier import GrpcTier
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.rendezvous import Rendezvous
 from kvtier.kvstore.tier_spec import BlockLayout, build_tier, parse_tier_spec
+from tls_certs import make_certificates
 
 SHAPE = (2, 2, 16, 2, 32)  # [layers, k/v, block_size, kv_heads, head_dim]: 8 KiB of fp32
 LAYOUT = BlockLayout(SHAPE, torch.float32, torch.device("cpu"))
@@ -192,23 +191,14 @@ def test_tokens_and_tenant_isolation_through_the_tier(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def self_signed(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a certificate")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
-    )
-    return d / "cert.pem", d / "key.pem"
+def certs(tmp_path_factory):
+    return make_certificates(tmp_path_factory.mktemp("tls"))
 
 
-def test_tls_with_a_self_signed_certificate(self_signed):
-    cert, key = self_signed
-    with KVServerProcess("--capacity", "16MiB", "--tls-cert", str(cert), "--tls-key", str(key)) as server:
-        tier = build_tier(f"grpc://{server.address}?tls=1&ca={cert}", LAYOUT)
+def test_tls_with_a_certificate_from_a_private_ca(certs):
+    with KVServerProcess("--capacity", "16MiB", "--tls-cert", str(certs.server_cert),
+                         "--tls-key", str(certs.server_key)) as server:
+        tier = build_tier(f"grpc://{server.address}?tls=1&ca={certs.ca}", LAYOUT)
         keys, data = blocks(6)
         tier.put(keys, data)
         ok, into = read_back(tier, keys, data)

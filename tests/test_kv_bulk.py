@@ -9,16 +9,26 @@ import ssl
 import grpc
 import pytest
 import torch
-
 from grpc_server import KVServerProcess
 from kvtier.kvstore.codec import encode_block
 from kvtier.kvstore.grpc_tier import GrpcTier
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.kv_bulk_protocol import (
-    FRAME, INVALID_ARGUMENT, MAGIC, OK, OP_PUT, RESOURCE_EXHAUSTED, SYNC_FRAME, UNAUTHENTICATED, VALUE_LENGTH,
-    get_request, put_frame, read_reply,
+    FRAME,
+    INVALID_ARGUMENT,
+    MAGIC,
+    OK,
+    OP_PUT,
+    RESOURCE_EXHAUSTED,
+    SYNC_FRAME,
+    UNAUTHENTICATED,
+    VALUE_LENGTH,
+    get_request,
+    put_frame,
+    read_reply,
 )
 from kvtier.kvstore.socket_io import recv_exact_into
+from kvtier.kvstore.tier_spec import BlockLayout, build_tier
 from kvtier.proto.kvtier.v1 import kvstore_pb2 as pb
 from kvtier.proto.kvtier.v1 import kvstore_pb2_grpc
 from tls_certs import make_certificates
@@ -236,8 +246,6 @@ def test_mutual_tls_refuses_clients_without_a_certificate(certs):
     with KVServerProcess("--capacity", "16MiB", "--tls-cert", str(certs.server_cert), "--tls-key",
                          str(certs.server_key), "--tls-client-ca", str(certs.ca)) as server:
         spec = f"grpc://{server.address}?tls=1&ca={certs.ca}&timeout=5&cooldown=0.1"
-        from kvtier.kvstore.tier_spec import BlockLayout, build_tier
-
         layout = BlockLayout(SHAPE, torch.float32, torch.device("cpu"))
         with_cert = build_tier(f"{spec}&cert={certs.client_cert}&key={certs.client_key}", layout)
         without = build_tier(spec, layout)

@@ -3,7 +3,6 @@ import socket
 import threading
 
 import pytest
-
 from kvtier.kvstore.socket_io import PeerClosed, recv_exact_into, send_buffers
 
 
