@@ -8,10 +8,16 @@ Config (`kv_connector_config`, or built from `kv_tiers`):
         measured prefill speed.
 Loads run on a background thread into blocks the scheduler reserved for a WAITING_FOR_KV
 request, so the engine loop keeps stepping other requests meanwhile.
+
+The scheduler asks `lookup` about the head waiting request every step until it is admitted;
+while it waits for device room, the tiers' answer is reused for LOOKUP_REUSE_S instead of
+paying a round trip to a remote store each step. A reused answer may be stale; that is
+safe: a block gone by load time fails its load and the rest of the prefix is recomputed.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 
 import torch
 
@@ -30,6 +36,8 @@ from kvtier.kvstore.tier import Tier
 from kvtier.kvstore.tier_spec import build_tier
 
 _POLICIES = ("write-through", "write-back")
+LOOKUP_REUSE_S = 0.5
+_MAX_REMEMBERED = 1024  # remembered lookups, for requests that wait a long time or go away
 
 
 def plan_prefix_load(block_costs: list[float], recompute_cost: float) -> int:
@@ -69,6 +77,8 @@ class TieredConnector(KVConnector):
             raise
         self.hierarchy = TierHierarchy(tiers, write_policy=self.write_policy)
         self._lookups: dict[str, tuple[list, list[int]]] = {}
+        # request id -> (when, first block, last block, keys, tier of each block found)
+        self._recent: dict[str, tuple[float, int, int, list, list[int]]] = {}
         self._meta = ConnectorMetadata()
         self._loader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
         self._loads: dict[str, cf.Future] = {}
@@ -80,8 +90,16 @@ class TieredConnector(KVConnector):
         last = (request.num_tokens - 1) // bs  # always leave one token to compute
         if last <= first:
             return 0
-        keys = [self.context.key(h) for h in request.block_hashes[first:last]]
-        locations = self.hierarchy.lookup(keys)
+        now = time.monotonic()
+        seen = self._recent.get(request.request_id)
+        if seen is not None and seen[1:3] == (first, last) and now - seen[0] < LOOKUP_REUSE_S:
+            keys, locations = seen[3], seen[4]
+        else:
+            keys = [self.context.key(h) for h in request.block_hashes[first:last]]
+            locations = self.hierarchy.lookup(keys)
+            if len(self._recent) >= _MAX_REMEMBERED:
+                self._recent = {r: s for r, s in self._recent.items() if now - s[0] < LOOKUP_REUSE_S}
+            self._recent[request.request_id] = (now, first, last, keys, locations)
         n = self._blocks_worth_loading(locations)
         self._lookups[request.request_id] = (keys[:n], locations[:n])
         return n * bs
@@ -97,6 +115,7 @@ class TieredConnector(KVConnector):
 
     def on_allocated(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
         keys, locations = self._lookups.pop(request.request_id)
+        self._recent.pop(request.request_id, None)
         n = num_external_tokens // self.context.block_size
         self._meta.loads.append(LoadSpec(request.request_id, block_ids[:n], keys[:n], locations[:n]))
 

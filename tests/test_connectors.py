@@ -224,3 +224,40 @@ def test_planner_recomputes_instead_of_loading_from_a_slow_tier(model):
         assert llm.kv_stats()["cpu"]["hits"] == 0, "a tier slower than recompute must not be read"
     _assert_same_as_reference(model, outs)
     assert all(o.kv_sources.get("cpu", 0) == 0 for o in outs)
+
+
+class CountingCpuTier(CpuTier):
+    """A CPU tier that counts the presence probes the hierarchy sends it."""
+
+    probes = 0
+
+    def contains(self, keys):
+        self.probes += 1
+        return super().contains(keys)
+
+
+@pytest.mark.parametrize("reuse_s", [0.0, 60.0])
+def test_a_waiting_requests_tier_lookup_is_reused_while_it_waits(model, monkeypatch, reuse_s):
+    """Under a device pool too small for all requests, the head waiting request is looked up
+    every step until it fits. With reuse, the tiers hear about each request about once;
+    without, once per step. Outputs are the same either way."""
+    import kvtier.connectors.tiered as tiered
+
+    monkeypatch.setattr(tiered, "LOOKUP_REUSE_S", reuse_s)
+    cfg = load_model_config(model["path"])
+    layout = BlockLayout((cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim), torch.float32, torch.device("cpu"))
+    tier = CountingCpuTier(64 << 20, layout)
+    with LLM(model["path"], kv_cache_memory_bytes=24 * model["block_bytes"], kv_connector="tiered",
+             kv_connector_config={"tiers": [tier]}) as llm:
+        llm.generate(_prompts(model["prompts"]), PARAMS, use_tqdm=False)
+        llm.engine.connector.flush()
+        schedule, steps = llm.engine.scheduler.schedule, []
+        monkeypatch.setattr(llm.engine.scheduler, "schedule", lambda: steps.append(1) or schedule())
+        tier.probes = 0
+        outs = llm.generate(_prompts(model["prompts"]), PARAMS, use_tqdm=False)
+    _assert_same_as_reference(model, outs)
+    assert sum(o.kv_sources.get("cpu", 0) for o in outs) > 0
+    if reuse_s:
+        assert tier.probes <= 2 * len(LENGTHS) < len(steps)
+    else:
+        assert tier.probes > 2 * len(LENGTHS)
