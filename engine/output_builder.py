@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from kvtier.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from kvtier.engine.request import Request
-from kvtier.engine.tokenizer import Tokenizer
+from kvtier.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class OutputBuilder:
     def __init__(self, tokenizer: Tokenizer | None):
         self.tokenizer = tokenizer
+        # request id -> [its output text so far, output tokens already in it], for requests
+        # with stop strings: each step decodes a few tokens, not the whole output again
+        self._texts: dict[str, list] = {}
 
     def _decode(self, token_ids: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(token_ids)
@@ -18,13 +21,17 @@ class OutputBuilder:
         stops = req.sampling_params.stop
         if not stops or self.tokenizer is None:
             return False
-        # A stop string can only end inside the text added by the newest tokens, but byte-level
-        # tokens may split characters, so re-decode a tail wide enough for the longest stop.
-        text = self._decode(req.output_token_ids)
-        longest = max(len(s) for s in stops)
-        tail_start = max(0, len(text) - longest - 16)
+        state = self._texts.get(req.request_id)
+        if state is None:
+            state = self._texts[req.request_id] = [self.tokenizer.detokenizer(req.prompt_token_ids), 0]
+        text: IncrementalDetokenizer = state[0]
+        before = len(text.text)
+        text.add(req.output_token_ids[state[1] :])
+        state[1] = len(req.output_token_ids)
+        # A stop string found now ends inside the newly added text.
+        start = max(0, before - max(len(s) for s in stops) + 1)
         for stop in stops:
-            if text.find(stop, tail_start) >= 0:
+            if text.text.find(stop, start) >= 0:
                 req.stop_reason = stop
                 return True
         return False
@@ -35,6 +42,7 @@ class OutputBuilder:
         req.logprobs.append(entry)
 
     def build(self, req: Request) -> RequestOutput:
+        self._texts.pop(req.request_id, None)
         text = self._decode(req.output_token_ids)
         stop = req.stop_reason
         if isinstance(stop, str):

@@ -127,3 +127,36 @@ def test_cache_salt_isolates_tenants(setup):
     other = llm.generate({"prompt_token_ids": prompt, "cache_salt": "tenant-b"}, params, use_tqdm=False)[0]
     assert same.num_cached_tokens == 64 and other.num_cached_tokens == 0
     assert same.outputs[0].token_ids == other.outputs[0].token_ids
+
+
+def test_incremental_stop_detection_matches_decoding_everything_each_step(setup):
+    """The fast path (a few tokens decoded per step) against the reference (the whole output
+    decoded each step): the first step at which a stop string shows up is the same, over
+    random outputs and stop strings cut from their own text, except where the reference's
+    text ends in an unfinished UTF-8 character, which the fast path holds back until the
+    next token completes it (as vLLM's detokenizer does)."""
+    from kvtier.engine.output_builder import OutputBuilder
+    from kvtier.engine.request import Request
+
+    builder = OutputBuilder(setup["llm"].engine.tokenizer)
+    tok, rng = builder.tokenizer, random.Random(11)
+    held_back = 0
+    for case in range(40):
+        prompt = [rng.randrange(3, setup["cfg"].vocab_size) for _ in range(4)]
+        output = [rng.randrange(3, setup["cfg"].vocab_size) for _ in range(30)]
+        text = tok.decode(output)
+        at = rng.randrange(len(text) - 3)
+        stops = [text[at : at + rng.randint(1, 6)].replace("\ufffd", "") or "x", "\u2603never"]
+        reference = next((n for n in range(1, 31) if any(s in tok.decode(output[:n]) for s in stops)), None)
+        req = Request(f"r{case}", prompt, SamplingParams(stop=stops))
+        fast = None
+        for n in range(1, 31):
+            req.output_token_ids.append(output[n - 1])
+            if builder.hit_stop_string(req):
+                fast = n
+                break
+        if fast != reference:
+            assert tok.decode(output[:reference]).endswith("\ufffd") and (fast is None or fast > reference)
+            held_back += 1
+        builder.build(req)
+    assert held_back <= 10 and not builder._texts  # finished requests leave nothing behind
