@@ -40,6 +40,10 @@ from kvtier.kvstore.socket_io import SEND_BATCH_BYTES, send_buffers
 DEFAULT_CAPACITY = 64 << 30  # informational: Redis's own maxmemory policy evicts
 DEFAULT_QUEUE_BYTES = 256 << 20
 _BATCH_BYTES = 64 << 20  # one write pipeline
+# The zero-copy writer sends on redis-py's connection socket, a private attribute
+# (`Connection._sock`) that redis-py 5-8 all have; a release without it gets the plain
+# pipeline (`_write`) instead of an AttributeError.
+RAW_SOCKET_WRITES = hasattr(redis.connection.Connection(), "_sock")
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 _OPTIONS = ("codec", "ttl", "prefix", "timeout", "connect_timeout", "breaker_failures", "breaker_cooldown",
             "async", "queue") + _TLS_OPTIONS
@@ -216,7 +220,7 @@ class RedisTier(ByteStoreTier):
         """Pipelined SETs written straight from the blocks' memory (single node): redis-py
         takes one buffer per value, so its own path (`_write`, the reference) must join
         header and payload first, a copy as costly as the send itself."""
-        if self.cluster or not keys:
+        if self.cluster or not keys or not RAW_SOCKET_WRITES:
             return super()._write_parts(keys, parts)
         # `parts` is consumed lazily: each block is checksummed and sent while it is still
         # in the CPU cache, so its bytes come from memory once, as for a raw client.

@@ -305,3 +305,22 @@ def test_zero_copy_sets_store_exactly_what_the_reference_path_stores():
         ref.close()
     finally:
         server.stop()
+
+
+def test_without_redis_pys_private_socket_writes_take_the_plain_pipeline(monkeypatch):
+    import kvtier.kvstore.redis_tier as redis_tier
+
+    assert redis_tier.RAW_SOCKET_WRITES  # the installed redis-py has it
+    monkeypatch.setattr(redis_tier, "RAW_SOCKET_WRITES", False)
+    monkeypatch.setattr(redis_tier, "_send_sets", None)  # would raise if called
+    server = RedisServer().start()
+    try:
+        tier = RedisTier(server.url, prefix="plain:")
+        keys = [BlockKey(b"nsnsnsns", bytes([i]) * 32) for i in range(4)]
+        blocks = [torch.randn(3, 2, 16, 2, 8) for _ in keys]
+        tier.put(keys, blocks)
+        into = [torch.empty_like(b) for b in blocks]
+        assert tier.get(keys, into) == [True] * 4 and all(torch.equal(a, b) for a, b in zip(into, blocks))
+        tier.close()
+    finally:
+        server.stop()
