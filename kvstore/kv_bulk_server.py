@@ -164,8 +164,8 @@ class BulkListener:
             if tag is not None:
                 set_kernel_timeouts(sock, IDLE_TIMEOUT_S)
                 _BulkSession(self, conn, sock, tag).run()
-        except OSError:  # ssl.SSLError included
-            pass  # the client went away; its unsynced blocks are not acknowledged
+        except (OSError, StoreUnavailable):  # ssl.SSLError is an OSError
+            pass  # the client went away, or the disk failed a GET: the client sees the close
         finally:
             with self._lock:
                 self._connections.pop(conn, None)
