@@ -1,6 +1,13 @@
-"""Shared pytest setup: `gpu`-marked tests skip where no CUDA device is present."""
+"""Shared pytest setup: `gpu`-marked tests skip where no CUDA device is present; one set of
+TLS certificates (a private CA, a server and a client certificate) for the TLS tests."""
 import pytest
 import torch
+from tls_certs import make_certificates
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    return make_certificates(tmp_path_factory.mktemp("tls"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,18 +1,17 @@
 """GrpcTier against real kv-server processes: round trips, sharding, outages, persistence,
 auth, tenants, TLS, concurrency."""
 import os
+import ssl
 import threading
 import time
 
 import pytest
 import torch
-
 from grpc_server import KVServerProcess
 from kvtier.kvstore.grpc_tier import GrpcTier
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.rendezvous import Rendezvous
 from kvtier.kvstore.tier_spec import BlockLayout, build_tier, parse_tier_spec
-from tls_certs import make_certificates
 
 SHAPE = (2, 2, 16, 2, 32)  # [layers, k/v, block_size, kv_heads, head_dim]: 8 KiB of fp32
 LAYOUT = BlockLayout(SHAPE, torch.float32, torch.device("cpu"))
@@ -190,11 +189,6 @@ def test_tokens_and_tenant_isolation_through_the_tier(tmp_path):
             t.close()
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certificates(tmp_path_factory.mktemp("tls"))
-
-
 def test_tls_with_a_certificate_from_a_private_ca(certs):
     with KVServerProcess("--capacity", "16MiB", "--tls-cert", str(certs.server_cert),
                          "--tls-key", str(certs.server_key)) as server:
@@ -203,6 +197,8 @@ def test_tls_with_a_certificate_from_a_private_ca(certs):
         tier.put(keys, data)
         ok, into = read_back(tier, keys, data)
         assert ok == [True] * 6 and all(torch.equal(x, y) for x, y in zip(into, data))
+        bulk = tier._servers[0].bulk._idle  # the bulk stream carried the blocks, over TLS too
+        assert len(bulk) == 1 and isinstance(bulk[0], ssl.SSLSocket)
         plaintext = GrpcTier([server.address], **FAST)  # no TLS: cannot talk to it, no exception
         assert plaintext.lookup_prefix(keys) == 0 and plaintext.stats().errors > 0
         untrusted = GrpcTier([server.address], tls=True, **FAST)  # system roots do not know the cert

@@ -31,7 +31,6 @@ from kvtier.kvstore.socket_io import recv_exact_into
 from kvtier.kvstore.tier_spec import BlockLayout, build_tier
 from kvtier.proto.kvtier.v1 import kvstore_pb2 as pb
 from kvtier.proto.kvtier.v1 import kvstore_pb2_grpc
-from tls_certs import make_certificates
 
 CAPACITY = 4 << 20
 SHAPE = (2, 2, 16, 2, 32)
@@ -221,25 +220,6 @@ def test_tickets_carry_the_namespace_of_the_grpc_call(tmp_path):
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         for t in (alpha, beta, anonymous):
             t.close()
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certificates(tmp_path_factory.mktemp("mtls"))
-
-
-def test_tls_covers_the_bulk_stream(certs):
-    with KVServerProcess("--capacity", "16MiB", "--tls-cert", str(certs.server_cert),
-                         "--tls-key", str(certs.server_key)) as server:
-        tier = GrpcTier([server.address], tls=True, ca_cert=certs.ca.read_bytes(), timeout_s=5.0)
-        keys = [BlockKey(b"model", os.urandom(32)) for _ in range(3)]
-        data = [torch.randn(SHAPE) for _ in keys]
-        tier.put(keys, data)
-        sock = tier._servers[0].bulk._idle[0]
-        assert isinstance(sock, ssl.SSLSocket)
-        into = [torch.empty_like(d) for d in data]
-        assert tier.get(keys, into) == [True] * 3 and all(torch.equal(a, b) for a, b in zip(into, data))
-        tier.close()
 
 
 def test_mutual_tls_refuses_clients_without_a_certificate(certs):
