@@ -36,9 +36,8 @@ from kvtier.kvstore.kv_bulk_protocol import (
     read_reply,
 )
 from kvtier.kvstore.socket_io import (
-    SEND_BATCH_BYTES,
+    BatchedSender,
     recv_exact_into,
-    send_buffers,
     set_kernel_timeouts,
 )
 
@@ -103,17 +102,12 @@ class BulkClient:
         broke; the connection is then closed, else it goes back to the pool."""
         try:
             try:
-                buffers, size = [], 0
+                out = BatchedSender(sock)
                 for key, value in items:
                     head, payload = value if isinstance(value, tuple) else (b"", value)
-                    nbytes = len(head) + len(payload)
-                    buffers += (put_frame(key, nbytes) + head, payload)
-                    size += nbytes
-                    if size >= SEND_BATCH_BYTES:
-                        send_buffers(sock, buffers)
-                        buffers, size = [], 0
-                buffers.append(SYNC_FRAME)
-                send_buffers(sock, buffers)
+                    out.add(put_frame(key, len(head) + len(payload)) + head, payload)
+                out.add(SYNC_FRAME)
+                out.flush()
             except OSError as e:
                 raise _why_closed(sock, e)
             status, stored, rejected, message = read_reply(sock)

@@ -43,9 +43,8 @@ from kvtier.kvstore.kv_server_store import (
     value_problem,
 )
 from kvtier.kvstore.socket_io import (
-    SEND_BATCH_BYTES,
+    BatchedSender,
     recv_exact_into,
-    send_buffers,
     set_kernel_timeouts,
 )
 
@@ -253,16 +252,13 @@ class _BulkSession:
             key = bytearray(key_len)
             recv_exact_into(self._sock, memoryview(key))
             keys.append(self._tag + key)
-        buffers, batch = [], 0
+        out = BatchedSender(self._sock)
         for value in self._store.get_many(keys):
-            buffers.append(VALUE_LENGTH.pack(0 if value is None else len(value)))
-            if value is not None:
-                buffers.append(value)
-                batch += len(value)
-            if batch >= SEND_BATCH_BYTES:
-                send_buffers(self._sock, buffers)
-                buffers, batch = [], 0
-        send_buffers(self._sock, buffers)
+            if value is None:
+                out.add(VALUE_LENGTH.pack(0))  # absent
+            else:
+                out.add(VALUE_LENGTH.pack(len(value)), value)
+        out.flush()
 
     def _reject(self, status: int, message: str) -> None:
         self._store.reject()

@@ -35,7 +35,7 @@ from kvtier.kvstore.byte_tier import ByteStoreTier, StoreUnavailable
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
 from kvtier.kvstore.codec import encode_block
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.socket_io import SEND_BATCH_BYTES, send_buffers
+from kvtier.kvstore.socket_io import BatchedSender
 
 DEFAULT_CAPACITY = 64 << 30  # informational: Redis's own maxmemory policy evicts
 DEFAULT_QUEUE_BYTES = 256 << 20
@@ -63,19 +63,16 @@ def _send_sets(client: redis.Redis, keys: list[bytes], parts: Iterable[tuple[byt
         if conn._sock is None:  # redis-py connects lazily; its socket carries the pipeline
             conn.connect()
         sock = conn._sock
-        buffers, batch = [], 0
+        out = BatchedSender(sock)
         for key, (head, payload) in zip(keys, parts):
             size = len(head) + len(payload)
             command = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (nargs, len(key), key, size)
-            buffers += (pending + command + head, payload)
+            out.add(pending + command + head, payload)
             pending = b"\r\n" + expiry
             sent += 1
-            batch += size
-            if batch >= SEND_BATCH_BYTES:
-                send_buffers(sock, buffers)
-                buffers, batch = [], 0
         if sent:
-            send_buffers(sock, [*buffers, pending])
+            out.add(pending)
+        out.flush()
         replies = [conn.read_response() for _ in range(sent)]
     except BaseException:
         conn.disconnect()  # a half-sent or half-read pipeline leaves the connection unusable

@@ -40,6 +40,27 @@ def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
 SEND_BATCH_BYTES = 1 << 20
 
 
+class BatchedSender:
+    """Buffers queued for one socket, sent by send_buffers about SEND_BATCH_BYTES at a time.
+    Queued buffers must stay valid until flush() (they are sent as they are, not copied)."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._buffers: list = []
+        self._bytes = 0
+
+    def add(self, *buffers) -> None:
+        self._buffers += buffers
+        self._bytes += sum(len(b) for b in buffers)
+        if self._bytes >= SEND_BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffers:
+            send_buffers(self._sock, self._buffers)
+        self._buffers, self._bytes = [], 0
+
+
 def send_buffers(sock: socket.socket, buffers: list) -> None:
     """Send the buffers in order with scatter-gather sendmsg calls, looping over partial
     sends, so large payloads are never joined to their small headers and a batch of blocks
