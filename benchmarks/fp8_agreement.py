@@ -21,7 +21,7 @@ from bench_io import emit
 from kvtier import LLM, SamplingParams
 from kvtier.engine.make_model import make_model
 from kvtier.engine.model_config import load_model_config
-from kvtier.kvstore.codec import Codec, register_codec
+from kvtier.kvstore.format.codec import Codec, register_codec
 
 
 class Bf16Control(Codec):

@@ -19,7 +19,7 @@ import torch
 
 from bench_io import emit
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.tier_spec import BlockLayout
+from kvtier.kvstore.tiers.spec import BlockLayout
 
 
 def model_layout(size: str = "small", block_size: int = 16, dtype=torch.float32, device="cpu") -> BlockLayout:
@@ -65,7 +65,7 @@ def _row(tier: str, op: str, device, batch: int, layout: BlockLayout, tier_s: li
 
 def bench_cpu(args, layout: BlockLayout, device: torch.device) -> list[dict]:
     """CpuTier.put (pool -> slab) and .get (slab -> pool) vs `slab[slot].copy_(pool[i])`."""
-    from kvtier.kvstore.cpu_tier import CpuTier
+    from kvtier.kvstore.tiers.cpu_tier import CpuTier
 
     batch, rounds = args.batch, args.slab_batches
     pinned = device.type == "cuda"

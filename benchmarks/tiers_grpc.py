@@ -32,9 +32,9 @@ from tiers import _row, make_keys
 from tiers_lmdb_redis import _one_torch_thread, _private_redis
 
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.kv_bulk_protocol import VALUE_LENGTH, get_request
+from kvtier.kvstore.service.bulk_protocol import VALUE_LENGTH, get_request
 from kvtier.kvstore.socket_io import recv_exact_into
-from kvtier.kvstore.tier_spec import BlockLayout
+from kvtier.kvstore.tiers.spec import BlockLayout
 
 VALUE_SIZES = {"256KiB": 2, "1MiB": 8, "4MiB": 32}  # layers of a [L, 2, 16, 8, 128] fp32 block
 BATCH_BYTES = 32 << 20  # per client and call
@@ -44,7 +44,7 @@ CLIENTS = (1, 8)
 @contextlib.contextmanager
 def private_kv_server(capacity: str = "2GiB"):
     """A kv-server subprocess on a free port; yields its address."""
-    cmd = [sys.executable, "-m", "kvtier.kvstore.kv_server_main", "--listen", "127.0.0.1:0", "--capacity", capacity]
+    cmd = [sys.executable, "-m", "kvtier.kvstore.service.server.main", "--listen", "127.0.0.1:0", "--capacity", capacity]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()
@@ -71,8 +71,8 @@ def bench_grpc(args, layout: BlockLayout, device) -> list[dict]:
 
 
 def _tier_vs_raw(args, layout: BlockLayout, address: str) -> list[dict]:
-    from kvtier.kvstore.codec import encode_block
-    from kvtier.kvstore.grpc_tier import GrpcTier
+    from kvtier.kvstore.format.codec import encode_block
+    from kvtier.kvstore.tiers.grpc_tier import GrpcTier
 
     gen = torch.Generator().manual_seed(0)
     src = [torch.randn(layout.shape, generator=gen).to(layout.dtype) for _ in range(args.batch)]
@@ -127,8 +127,8 @@ def _alternate(repeats: int, steps: dict, warmup: int = 2) -> dict:
 
 
 def _grpc_vs_redis(args, layout: BlockLayout, name: str, clients: int, address: str, redis_url: str) -> dict:
-    from kvtier.kvstore.grpc_tier import GrpcTier
-    from kvtier.kvstore.redis_tier import RedisTier
+    from kvtier.kvstore.tiers.grpc_tier import GrpcTier
+    from kvtier.kvstore.tiers.redis_tier import RedisTier
 
     batch = max(1, BATCH_BYTES // layout.nbytes)
     gen = torch.Generator().manual_seed(1)

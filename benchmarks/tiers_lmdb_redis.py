@@ -83,8 +83,8 @@ def bench_lmdb(args, layout, device) -> list[dict]:
 def _bench_lmdb(args, layout) -> list[dict]:
     import lmdb
 
-    from kvtier.kvstore.codec import HEADER_BYTES
-    from kvtier.kvstore.lmdb_tier import LmdbTier
+    from kvtier.kvstore.format.codec import HEADER_BYTES
+    from kvtier.kvstore.tiers.lmdb_tier import LmdbTier
 
     src, dst = _blocks(args, layout)
     root = tempfile.mkdtemp(prefix="kvtier-bench-lmdb-", dir=getattr(args, "lmdb_dir", None))
@@ -170,7 +170,7 @@ def bench_redis(args, layout, device) -> list[dict]:
 def _bench_redis(args, layout, url) -> list[dict]:
     import redis
 
-    from kvtier.kvstore.redis_tier import RedisTier
+    from kvtier.kvstore.tiers.redis_tier import RedisTier
 
     src, dst = _blocks(args, layout)
     # A generous timeout: a benchmark hiccup must not open the breaker and skew a row.

@@ -24,9 +24,9 @@ from bench_io import emit
 from kvtier import LLM, SamplingParams
 from kvtier.engine.make_model import make_model
 from kvtier.engine.model_config import load_model_config
-from kvtier.kvstore.cpu_tier import CpuTier
-from kvtier.kvstore.tier import Tier
-from kvtier.kvstore.tier_spec import BlockLayout
+from kvtier.kvstore.tiers.cpu_tier import CpuTier
+from kvtier.kvstore.tiers.base import Tier
+from kvtier.kvstore.tiers.spec import BlockLayout
 
 ONE_TOKEN = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 

@@ -1,1 +1,2 @@
-"""Filled in by later issues (see DESIGN.md)."""
+"""kvtier.connectors: the KV connector interface (base), its registry (entry points and
+`module:Class` paths) and the built-in connectors (`tiered`, `multi`)."""

@@ -19,14 +19,26 @@ blocks before it; the engine recomputes the rest. A request never runs on wrong 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
-from kvtier.engine.request import Request
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.tier_spec import BlockLayout
+from kvtier.kvstore.tiers.spec import BlockLayout
+
+
+class Request(Protocol):
+    """What a connector may read of an engine request (the engine's Request has these)."""
+
+    request_id: str
+    block_hashes: Sequence[bytes]  # chained hashes of its full blocks; they already bind
+    # the model fingerprint and the request's cache_salt
+    num_computed_tokens: int
+
+    @property
+    def num_tokens(self) -> int: ...
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvtier.connectors.base import ConnectorContext, ConnectorMetadata, ConnectorOutput, KVConnector
-from kvtier.engine.request import Request
+from kvtier.connectors.base import ConnectorContext, ConnectorMetadata, ConnectorOutput, KVConnector, Request
 
 
 @dataclass

@@ -22,6 +22,7 @@ import time
 import torch
 
 from kvtier.connectors.base import (
+    Request,
     ConnectorContext,
     ConnectorMetadata,
     ConnectorOutput,
@@ -30,10 +31,9 @@ from kvtier.connectors.base import (
     LoadSpec,
     SaveSpec,
 )
-from kvtier.engine.request import Request
 from kvtier.kvstore.hierarchy import TierHierarchy
-from kvtier.kvstore.tier import Tier
-from kvtier.kvstore.tier_spec import build_tier
+from kvtier.kvstore.tiers.base import Tier
+from kvtier.kvstore.tiers.spec import build_tier
 
 _POLICIES = ("write-through", "write-back")
 LOOKUP_REUSE_S = 0.5

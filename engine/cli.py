@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from kvtier.engine.sizes import size_arg
+from kvtier.sizes import size_arg
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--size", choices=["tiny", "small"], default="small")
     m.add_argument("--seed", type=int, default=0)
 
-    from kvtier.kvstore.kv_server_main import add_kv_server_parser
+    from kvtier.kvstore.service.server.main import add_kv_server_parser
 
     add_kv_server_parser(sub)
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return _run_generate(args)
         if args.command == "kv-server":
-            from kvtier.kvstore.kv_server_main import run_kv_server
+            from kvtier.kvstore.service.server.main import run_kv_server
 
             return run_kv_server(args)
         if args.command == "make-model":

@@ -98,7 +98,7 @@ class EngineConfig:
         self._validate_connector()
 
     def _validate_connector(self) -> None:
-        from kvtier.kvstore.tier_spec import parse_tier_spec
+        from kvtier.kvstore.tiers.spec import parse_tier_spec
 
         if self.kv_tiers is not None:
             if isinstance(self.kv_tiers, str) or not isinstance(self.kv_tiers, (list, tuple)):

@@ -25,7 +25,7 @@ from kvtier.engine.request import Request, RequestStatus
 from kvtier.engine.sampling_params import SamplingParams
 from kvtier.engine.scheduler import Scheduler
 from kvtier.engine.tokenizer import load_tokenizer
-from kvtier.kvstore.tier_spec import BlockLayout
+from kvtier.kvstore.tiers.spec import BlockLayout
 
 @dataclass
 class Prompt:

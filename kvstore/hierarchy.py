@@ -20,10 +20,10 @@ from collections.abc import Sequence
 
 import torch
 
-from kvtier.kvstore.cpu_tier import CpuTier
+from kvtier.kvstore.tiers.cpu_tier import CpuTier
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.stats import StatsRecorder, TierStats
-from kvtier.kvstore.tier import Tier
+from kvtier.kvstore.tiers.base import Tier
 
 WRITE_POLICIES = ("write-through", "write-back")
 

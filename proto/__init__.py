@@ -1,1 +1,2 @@
-"""Filled in by later issues (see DESIGN.md)."""
+"""kvtier.proto: the kvtier gRPC protocol sources (`kvtier/v1/*.proto`), their generated
+stubs, and `generate.py`, which regenerates them (a test keeps them in sync)."""

@@ -14,14 +14,14 @@ import sys
 import tempfile
 import threading
 
-from kvtier.kvstore.kv_server_main import LISTENING
+from kvtier.kvstore.service.server.main import LISTENING
 
 _PORT_LINE = re.compile(re.escape(LISTENING) + r" (\S+):(\d+)")
 START_TIMEOUT_S = 60.0
 
 
 class KVServerProcess:
-    command = [sys.executable, "-m", "kvtier.kvstore.kv_server_main"]
+    command = [sys.executable, "-m", "kvtier.kvstore.service.server.main"]
 
     def __init__(self, *args: str, host: str = "127.0.0.1", port: int = 0):
         self.args = list(args)

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.kvstore.codec import HEADER_BYTES, CorruptBlock, decode_block, encode_block, get_codec
+from kvtier.kvstore.format.codec import HEADER_BYTES, CorruptBlock, decode_block, encode_block, get_codec
 from kvtier.kvstore.keys import BlockKey
 
 KEY = BlockKey(b"model-ns", b"\x07" * 32)

@@ -10,9 +10,9 @@ from hf_checkpoints import make_variant
 from kvtier import LLM, SamplingParams
 from kvtier.connectors.registry import get_connector_class
 from kvtier.engine.model_config import load_model_config
-from kvtier.kvstore.byte_tier import ByteStoreTier, StoreUnavailable
-from kvtier.kvstore.cpu_tier import CpuTier
-from kvtier.kvstore.tier_spec import BlockLayout
+from kvtier.kvstore.tiers.byte_store import ByteStoreTier, StoreUnavailable
+from kvtier.kvstore.tiers.cpu_tier import CpuTier
+from kvtier.kvstore.tiers.spec import BlockLayout
 
 PLUGIN_DIR = pathlib.Path(__file__).parent / "plugins"
 LENGTHS = [40, 100, 150, 200, 260]

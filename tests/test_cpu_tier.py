@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.kvstore.cpu_tier import CpuTier
+from kvtier.kvstore.tiers.cpu_tier import CpuTier
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.tier_spec import BlockLayout, build_tier, parse_tier_spec
+from kvtier.kvstore.tiers.spec import BlockLayout, build_tier, parse_tier_spec
 
 LAYOUT = BlockLayout(shape=(2, 2, 4, 2, 8), dtype=torch.float32, device=torch.device("cpu"))
 BLOCK = LAYOUT.nbytes  # 1 KiB

@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 from grpc_server import KVServerProcess
-from kvtier.kvstore.grpc_tier import GrpcTier
+from kvtier.kvstore.tiers.grpc_tier import GrpcTier
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.rendezvous import Rendezvous
-from kvtier.kvstore.tier_spec import BlockLayout, build_tier, parse_tier_spec
+from kvtier.kvstore.service.rendezvous import Rendezvous
+from kvtier.kvstore.tiers.spec import BlockLayout, build_tier, parse_tier_spec
 
 SHAPE = (2, 2, 16, 2, 32)  # [layers, k/v, block_size, kv_heads, head_dim]: 8 KiB of fp32
 LAYOUT = BlockLayout(SHAPE, torch.float32, torch.device("cpu"))

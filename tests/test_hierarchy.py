@@ -8,13 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.kvstore.byte_tier import ByteStoreTier
-from kvtier.kvstore.codec import CorruptBlock, decode_block, encode_block
-from kvtier.kvstore.cpu_tier import CpuTier
+from kvtier.kvstore.tiers.byte_store import ByteStoreTier
+from kvtier.kvstore.format.codec import CorruptBlock, decode_block, encode_block
+from kvtier.kvstore.tiers.cpu_tier import CpuTier
 from kvtier.kvstore.hierarchy import TierHierarchy
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.tier import Tier
-from kvtier.kvstore.tier_spec import BlockLayout
+from kvtier.kvstore.tiers.base import Tier
+from kvtier.kvstore.tiers.spec import BlockLayout
 
 LAYOUT = BlockLayout(shape=(2, 2, 4, 2, 8), dtype=torch.float32, device=torch.device("cpu"))
 BLOCK = LAYOUT.nbytes
@@ -128,7 +128,7 @@ def test_a_byte_store_on_top_is_written_in_the_background_too():
 
 
 def test_flush_also_waits_for_a_tiers_own_write_queue(tmp_path):
-    from kvtier.kvstore.tier_spec import build_tier
+    from kvtier.kvstore.tiers.spec import build_tier
 
     disk = build_tier(f"lmdb:{tmp_path}?size=1MiB", LAYOUT)  # put() returns before the commit
     h = TierHierarchy([cpu(4), disk])

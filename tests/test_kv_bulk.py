@@ -10,10 +10,10 @@ import grpc
 import pytest
 import torch
 from grpc_server import KVServerProcess
-from kvtier.kvstore.codec import encode_block
-from kvtier.kvstore.grpc_tier import GrpcTier
+from kvtier.kvstore.format.codec import encode_block
+from kvtier.kvstore.tiers.grpc_tier import GrpcTier
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.kv_bulk_protocol import (
+from kvtier.kvstore.service.bulk_protocol import (
     FRAME,
     INVALID_ARGUMENT,
     MAGIC,
@@ -28,7 +28,7 @@ from kvtier.kvstore.kv_bulk_protocol import (
     read_reply,
 )
 from kvtier.kvstore.socket_io import recv_exact_into
-from kvtier.kvstore.tier_spec import BlockLayout, build_tier
+from kvtier.kvstore.tiers.spec import BlockLayout, build_tier
 from kvtier.proto.kvtier.v1 import kvstore_pb2 as pb
 from kvtier.proto.kvtier.v1 import kvstore_pb2_grpc
 

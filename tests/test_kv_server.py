@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from grpc_server import KVServerProcess
-from kvtier.kvstore.codec import encode_block
+from kvtier.kvstore.format.codec import encode_block
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.kv_server_main import add_kv_server_arguments, start_server
+from kvtier.kvstore.service.server.main import add_kv_server_arguments, start_server
 from kvtier.proto.kvtier.v1 import health_pb2
 from kvtier.proto.kvtier.v1 import kvstore_pb2 as pb
 from kvtier.proto.kvtier.v1 import kvstore_pb2_grpc
@@ -287,10 +287,10 @@ def test_a_malformed_put_message_is_invalid_argument(server):
 
 def test_the_server_pins_glibcs_allocator_thresholds():
     """The kv-server keeps block memory for reuse instead of mmap-ing and returning it per
-    block (kv_server_memory.py); glibc accepts the settings (this machine runs glibc)."""
+    block (service/server/memory.py); glibc accepts the settings (this machine runs glibc)."""
     import platform
 
-    from kvtier.kvstore.kv_server_memory import keep_block_memory_for_reuse
+    from kvtier.kvstore.service.server.memory import keep_block_memory_for_reuse
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("the allocator settings are glibc's")

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from kvtier.kvstore.kv_wire import PACK_TARGET_BYTES, decode_chunk, decode_chunks, encode_chunk, pack, split_value
+from kvtier.kvstore.service.wire import PACK_TARGET_BYTES, decode_chunk, decode_chunks, encode_chunk, pack, split_value
 from kvtier.proto.kvtier.v1 import kvstore_pb2 as pb
 
 FIELDS = ("index", "key", "total_size", "offset", "data")
@@ -80,7 +80,7 @@ def test_pack_and_split_make_protobuf_block_chunks_within_the_limit():
 
 def test_split_parts_equal_the_joined_value():
     """A (header, payload) value travels exactly as its joined bytes would."""
-    from kvtier.kvstore.kv_wire import pack, split_value
+    from kvtier.kvstore.service.wire import pack, split_value
 
     head, payload = b"H" * 72, memoryview(bytes(range(256)) * 40)
     joined = head + bytes(payload)

@@ -50,3 +50,29 @@ def test_public_facade():
     assert LLM.__module__ == "kvtier.engine.llm"
     assert SamplingParams.__module__ == "kvtier.engine.sampling_params"
     assert RequestOutput.__module__ == "kvtier.engine.outputs"
+
+
+def _imported_modules(path: pathlib.Path):
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+
+
+def test_dependencies_point_one_way():
+    """engine -> connectors -> kvstore: no layer imports the layers above it."""
+    above = {"kvstore": ("kvtier.engine", "kvtier.connectors"), "connectors": ("kvtier.engine",)}
+    offenders = []
+    for folder, forbidden in above.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            offenders += [f"{path.relative_to(ROOT)}: {m}" for m in _imported_modules(path)
+                          if m.startswith(forbidden)]
+    assert offenders == []
+
+
+def test_kv_server_uses_no_client_tier_privates():
+    server = ROOT / "kvstore" / "service" / "server"
+    offenders = [f"{p.name}: {m}" for p in server.rglob("*.py") for m in _imported_modules(p)
+                 if m.startswith("kvtier.kvstore.tiers.") and not m.endswith(("lmdb_store", "byte_store"))]
+    assert offenders == []

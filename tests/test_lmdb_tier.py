@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from kvtier.kvstore.codec import HEADER_BYTES, encode_block
+from kvtier.kvstore.format.codec import HEADER_BYTES, encode_block
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.lmdb_tier import LmdbTier
-from kvtier.kvstore.tier_spec import BlockLayout, build_tier, parse_tier_spec
+from kvtier.kvstore.tiers.lmdb_tier import LmdbTier
+from kvtier.kvstore.tiers.spec import BlockLayout, build_tier, parse_tier_spec
 
 SHAPE = (2, 2, 4, 2, 8)  # 256 float32 = 1 KiB of payload
 VALUE_BYTES = HEADER_BYTES + 1024
@@ -214,7 +214,7 @@ _CHILD = textwrap.dedent(
     """
     import hashlib, os, sys, time, torch
     from kvtier.kvstore.keys import BlockKey
-    from kvtier.kvstore.lmdb_tier import LmdbTier
+    from kvtier.kvstore.tiers.lmdb_tier import LmdbTier
     path, capacity, first, last, touch, barrier = sys.argv[1:7]
     capacity, first, last = int(capacity), int(first), int(last)
     key = lambda i: BlockKey(b"model-a", hashlib.sha256(str(i).encode()).digest())

@@ -10,10 +10,10 @@ import torch
 from redis_server import RedisClusterServers, RedisServer, free_port, redis_cli_binary
 
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
-from kvtier.kvstore.codec import HEADER_BYTES
+from kvtier.kvstore.format.codec import HEADER_BYTES
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.redis_tier import RedisTier
-from kvtier.kvstore.tier_spec import BlockLayout, build_tier
+from kvtier.kvstore.tiers.redis_tier import RedisTier
+from kvtier.kvstore.tiers.spec import BlockLayout, build_tier
 
 SHAPE = (2, 2, 4, 2, 8)
 LAYOUT = BlockLayout(SHAPE, torch.float32, torch.device("cpu"))
@@ -282,7 +282,7 @@ def test_breaker_rejects_bad_settings():
 def test_zero_copy_sets_store_exactly_what_the_reference_path_stores():
     """The hand-pipelined SET path (header and payload sent as two pieces) against redis-py's
     own pipeline of joined values: same bytes under the same keys, same TTL."""
-    from kvtier.kvstore.codec import encode_parts
+    from kvtier.kvstore.format.codec import encode_parts
 
     server = RedisServer().start()
     try:
@@ -308,7 +308,7 @@ def test_zero_copy_sets_store_exactly_what_the_reference_path_stores():
 
 
 def test_without_redis_pys_private_socket_writes_take_the_plain_pipeline(monkeypatch):
-    import kvtier.kvstore.redis_tier as redis_tier
+    import kvtier.kvstore.tiers.redis_tier as redis_tier
 
     assert redis_tier.RAW_SOCKET_WRITES  # the installed redis-py has it
     monkeypatch.setattr(redis_tier, "RAW_SOCKET_WRITES", False)

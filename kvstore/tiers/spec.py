@@ -16,15 +16,15 @@ from urllib.parse import parse_qsl
 
 import torch
 
-from kvtier.engine.sizes import parse_size
+from kvtier.sizes import parse_size
 
 _TIER_CLASSES = {
-    "cpu": "kvtier.kvstore.cpu_tier:CpuTier",
-    "lmdb": "kvtier.kvstore.lmdb_tier:LmdbTier",
-    "redis": "kvtier.kvstore.redis_tier:RedisTier",
-    "rediss": "kvtier.kvstore.redis_tier:RedisTier",
-    "redis+cluster": "kvtier.kvstore.redis_tier:RedisTier",
-    "grpc": "kvtier.kvstore.grpc_tier:GrpcTier",
+    "cpu": "kvtier.kvstore.tiers.cpu_tier:CpuTier",
+    "lmdb": "kvtier.kvstore.tiers.lmdb_tier:LmdbTier",
+    "redis": "kvtier.kvstore.tiers.redis_tier:RedisTier",
+    "rediss": "kvtier.kvstore.tiers.redis_tier:RedisTier",
+    "redis+cluster": "kvtier.kvstore.tiers.redis_tier:RedisTier",
+    "grpc": "kvtier.kvstore.tiers.grpc_tier:GrpcTier",
 }
 
 

@@ -1,4 +1,4 @@
-"""The kv-server's bulk-stream listener (protocol: kv_bulk_protocol.py).
+"""The kv-server's bulk-stream listener (protocol: service/bulk_protocol.py).
 
 One thread per connection, each receiving every value straight into the buffer the store
 then keeps (recv_into, no intermediate copies), verifying it with the same checks as the
@@ -17,9 +17,9 @@ import threading
 import time
 
 import numpy as np
-from kvtier.kvstore.byte_tier import StoreUnavailable
-from kvtier.kvstore.codec import HEADER_BYTES
-from kvtier.kvstore.kv_bulk_protocol import (
+from kvtier.kvstore.tiers.byte_store import StoreUnavailable
+from kvtier.kvstore.format.codec import HEADER_BYTES
+from kvtier.kvstore.service.bulk_protocol import (
     FRAME,
     HELLO_BYTES,
     INVALID_ARGUMENT,
@@ -36,7 +36,7 @@ from kvtier.kvstore.kv_bulk_protocol import (
     VALUE_LENGTH,
     encode_reply,
 )
-from kvtier.kvstore.kv_server_store import (
+from kvtier.kvstore.service.server.store import (
     MAX_KEY_BYTES,
     BlockStore,
     PutBatch,

@@ -1,7 +1,7 @@
 """One connection to one kv-server: the calls GrpcTier makes, each with a deadline.
 
-Block bytes go over the server's bulk stream (kv_bulk_client.py) when it has one, else as
-gRPC Put / Get streams, whose BlockChunks messages kv_wire.py encodes; the rest goes
+Block bytes go over the server's bulk stream (bulk_client.py) when it has one, else as
+gRPC Put / Get streams, whose BlockChunks messages wire.py encodes; the rest goes
 through the generated stubs. Calls raise grpc.RpcError or OSError (the bulk stream); GrpcTier turns
 either into misses and the circuit breaker.
 """
@@ -12,13 +12,13 @@ from collections.abc import Callable, Sequence
 import grpc
 import torch
 
-from kvtier.kvstore.byte_tier import decode_values
+from kvtier.kvstore.tiers.byte_store import decode_values
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
-from kvtier.kvstore.codec import Codec, encode_parts, key_digest
+from kvtier.kvstore.format.codec import Codec, encode_parts, key_digest
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.kv_bulk_client import BulkClient
-from kvtier.kvstore.kv_server import SERVICE
-from kvtier.kvstore.kv_wire import decode_chunks, pack, split_value
+from kvtier.kvstore.service.bulk_client import BulkClient
+from kvtier.kvstore.service.protocol import SERVICE
+from kvtier.kvstore.service.wire import decode_chunks, pack, split_value
 from kvtier.proto.kvtier.v1 import kvstore_pb2 as pb
 from kvtier.proto.kvtier.v1 import kvstore_pb2_grpc
 

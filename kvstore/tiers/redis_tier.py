@@ -30,10 +30,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
-from kvtier.kvstore.background_writer import BackgroundWriter
-from kvtier.kvstore.byte_tier import ByteStoreTier, StoreUnavailable
+from kvtier.kvstore.tiers.background_writer import BackgroundWriter
+from kvtier.kvstore.tiers.byte_store import ByteStoreTier, StoreUnavailable
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
-from kvtier.kvstore.codec import encode_block
+from kvtier.kvstore.format.codec import encode_block
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.socket_io import BatchedSender
 

@@ -1,4 +1,4 @@
-"""Client side of the kv-server's bulk stream (protocol: kv_bulk_protocol.py).
+"""Client side of the kv-server's bulk stream (protocol: service/bulk_protocol.py).
 
 One BulkClient per server keeps a few open connections (one per concurrent call). A new
 connection costs one OpenBulk gRPC call for its ticket, a TCP (TLS) connect and the HELLO
@@ -18,14 +18,14 @@ import time
 from collections.abc import Callable, Iterable
 
 import torch
-from kvtier.kvstore.codec import (
+from kvtier.kvstore.format.codec import (
     HEADER_BYTES,
     CorruptBlock,
     decode_into,
     payload_destination,
     verify_payload,
 )
-from kvtier.kvstore.kv_bulk_protocol import (
+from kvtier.kvstore.service.bulk_protocol import (
     MAGIC,
     OK,
     SYNC_FRAME,

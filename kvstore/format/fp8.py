@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kvtier.kvstore.codec import Codec, CorruptBlock, register_codec
+from kvtier.kvstore.format.codec import Codec, CorruptBlock, register_codec
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvtier.kvstore.codec import CorruptBlock, parse_header, verify_value
+from kvtier.kvstore.format.codec import CorruptBlock, parse_header, verify_value
 
 MAX_KEY_BYTES = 256
 

@@ -28,12 +28,12 @@ from collections.abc import Sequence
 import lmdb
 import torch
 
-from kvtier.kvstore.background_writer import BackgroundWriter
-from kvtier.kvstore.byte_tier import ByteStoreTier, StoreUnavailable
-from kvtier.kvstore.codec import encode_block
+from kvtier.kvstore.tiers.background_writer import BackgroundWriter
+from kvtier.kvstore.tiers.byte_store import ByteStoreTier, StoreUnavailable
+from kvtier.kvstore.format.codec import encode_block
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.lmdb_envs import acquire_env, release_env
-from kvtier.kvstore.lmdb_index import LruIndex
+from kvtier.kvstore.tiers.lmdb_envs import acquire_env, release_env
+from kvtier.kvstore.tiers.lmdb_index import LruIndex
 
 DEFAULT_CAPACITY = 16 << 30
 DEFAULT_QUEUE_BYTES = 256 << 20

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from kvtier.kvstore.codec import Codec, CorruptBlock, decode_into, encode_parts, get_codec, key_digest
+from kvtier.kvstore.format.codec import Codec, CorruptBlock, decode_into, encode_parts, get_codec, key_digest
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.tier import Tier
+from kvtier.kvstore.tiers.base import Tier
 
 
 class StoreUnavailable(Exception):

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.tier import Tier
-from kvtier.kvstore.tier_spec import BlockLayout, TierSpec
+from kvtier.kvstore.tiers.base import Tier
+from kvtier.kvstore.tiers.spec import BlockLayout, TierSpec
 
 EvictHook = Callable[[list[BlockKey], list[torch.Tensor]], None]
 

@@ -4,7 +4,7 @@ all the keys of a request, so a remote tier can answer in one round trip.
 Blocks cross this interface as CPU tensors of one block's KV (all layers of one KV group,
 page-first: `[num_layers, 2, block_size, kv_heads, head_dim]`). Memory tiers copy them into
 a slab; byte tiers (disk, Redis, gRPC) encode them into a self-describing value
-(kvstore/codec.py) and must verify it on the way back.
+(kvstore/format/codec.py) and must verify it on the way back.
 
 Failure contract: a tier never raises for a store fault (down server, corrupt value, full
 disk). get() reports False for a block it cannot serve correctly, put() drops what it cannot

@@ -2,13 +2,13 @@
 
     grpc://host1:50051,host2:50051?token_file=/etc/kvtier/token&tls=1&ca=ca.pem&timeout=5
 
-- Keys are spread over the servers by rendezvous hashing (rendezvous.py): adding a server
+- Keys are spread over the servers by rendezvous hashing (service/rendezvous.py): adding a server
   moves about 1/n of the keys, and every engine with the same list agrees on the owner.
 - A batch call sends one request per server, concurrently (a thread pool), each with a
   deadline. A server that fails or times out is a miss / a skipped write for its keys, the
   other servers still answer, and a circuit breaker per server stops paying timeouts to a
   dead one until a probe after the cool-down succeeds. Nothing raises into the engine.
-- Block bytes travel over each server's bulk stream (kv_bulk_protocol.py: plain frames on a
+- Block bytes travel over each server's bulk stream (service/bulk_protocol.py: plain frames on a
   TCP or TLS connection beside gRPC; puts run at about twice Python gRPC's speed, and gets
   land straight in the destination tensors) when it offers one; bulk=0 keeps them on
   gRPC's Put and Get. Lookups, deletes and stats are gRPC.
@@ -30,13 +30,13 @@ from pathlib import Path
 import grpc
 import torch
 
-from kvtier.kvstore.byte_tier import ByteStoreTier, StoreUnavailable
+from kvtier.kvstore.tiers.byte_store import ByteStoreTier, StoreUnavailable
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
-from kvtier.kvstore.grpc_client import KVServerClient
+from kvtier.kvstore.service.client import KVServerClient
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.kv_bulk_client import BulkClient
-from kvtier.kvstore.kv_server import BULK_TRANSFER_OPTIONS
-from kvtier.kvstore.rendezvous import Rendezvous
+from kvtier.kvstore.service.bulk_client import BulkClient
+from kvtier.kvstore.service.protocol import BULK_TRANSFER_OPTIONS
+from kvtier.kvstore.service.rendezvous import Rendezvous
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class GrpcTier(ByteStoreTier):
     # --- the Tier interface -----------------------------------------------------------
     def put(self, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor]) -> None:
         """As ByteStoreTier.put, but each server's blocks are encoded inside its request
-        stream (grpc_client.put_blocks), overlapping encoding with sending."""
+        stream (service/client.put_blocks), overlapping encoding with sending."""
         if not keys:
             return
         start = time.perf_counter()

@@ -1,40 +1,29 @@
-"""The kv-server's KVStore handlers (kvstore.proto); the health service is kv_server_health.py.
+"""The kv-server's KVStore handlers (kvstore.proto); the health service is health.py.
 
 Bad input is answered with a status and a message, never an exception that kills a worker:
 empty / oversized keys and values failing their header, checksum or key check are
 INVALID_ARGUMENT, a block larger than the whole store RESOURCE_EXHAUSTED (gRPC itself
 answers RESOURCE_EXHAUSTED for a message over the limit), a namespace the token may not use
-PERMISSION_DENIED (kv_server_auth.py).
+PERMISSION_DENIED (auth.py).
 """
 from __future__ import annotations
 
 import grpc
 
-from kvtier.kvstore.byte_tier import StoreUnavailable
-from kvtier.kvstore.codec import HEADER_BYTES
-from kvtier.kvstore.kv_server_auth import NamespaceResolver
-from kvtier.kvstore.kv_server_store import MAX_KEY_BYTES, BlockStore, PutBatch, value_problem
-from kvtier.kvstore.kv_wire import decode_chunks, pack, split_value
+from kvtier.kvstore.tiers.byte_store import StoreUnavailable
+from kvtier.kvstore.format.codec import HEADER_BYTES
+from kvtier.kvstore.service.server.auth import NamespaceResolver
+from kvtier.kvstore.service.server.store import MAX_KEY_BYTES, BlockStore, PutBatch, value_problem
+from kvtier.kvstore.service.protocol import SERVICE
+from kvtier.kvstore.service.wire import decode_chunks, pack, split_value
 from kvtier.proto.kvtier.v1 import kvstore_pb2, kvstore_pb2_grpc
-
-SERVICE = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
-
-# Read from TCP in large chunks: with gRPC's small default reads, receiving a MiB-sized block
-# costs more CPU than everything else on its path (measured: put throughput +40%, and half
-# the server's CPU). Used by the server and by GrpcTier's channels.
-BULK_TRANSFER_OPTIONS = [
-    ("grpc.experimental.tcp_read_chunk_size", 4 << 20),
-    ("grpc.experimental.tcp_min_read_chunk_size", 1 << 20),
-    ("grpc.experimental.tcp_max_read_chunk_size", 16 << 20),
-]
-
 
 class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     def __init__(self, store: BlockStore, namespaces: NamespaceResolver, max_message_bytes: int, bulk=None):
         self._store = store
         self._ns = namespaces
         self._max_message_bytes = max_message_bytes
-        self._bulk = bulk  # the BulkListener (kv_bulk_server.py), or None without a bulk stream
+        self._bulk = bulk  # the BulkListener (bulk.py), or None without a bulk stream
 
     def _keys(self, request_keys, context) -> list[bytes]:
         tag = self._ns.tag(context)
@@ -106,7 +95,7 @@ def _decode_or_marker(message: bytes):
 
 
 def kvstore_handler(servicer: KVStoreServicer) -> grpc.GenericRpcHandler:
-    """The KVStore service with the bulk messages (BlockChunks) encoded by kv_wire.py, the
+    """The KVStore service with the bulk messages (BlockChunks) encoded by service/wire.py, the
     small ones by the generated protobuf classes."""
     pb = kvstore_pb2
     unary = grpc.unary_unary_rpc_method_handler
@@ -142,7 +131,7 @@ class _PutStream:
         _abort(self._context, code, f"block {self.index}: {problem}")
 
     def add(self, chunk) -> None:
-        data = chunk.data  # a view into the received message (kv_wire.py)
+        data = chunk.data  # a view into the received message (service/wire.py)
         if chunk.key:  # the first chunk of the next block
             if self._key is not None:
                 self.refuse(grpc.StatusCode.INVALID_ARGUMENT, "next block began before this one was complete")

@@ -3,7 +3,7 @@
     kvtier kv-server --listen 0.0.0.0:50051 --capacity 8GiB --persist /var/lib/kvtier \
         --auth-token-file tokens.txt --tls-cert cert.pem --tls-key key.pem
 
-Also runnable as `python -m kvtier.kvstore.kv_server_main ...` (the tests do that). Once
+Also runnable as `python -m kvtier.kvstore.service.server.main ...` (the tests do that). Once
 bound it prints one line, `kvtier kv-server listening on HOST:PORT`, with the real port when
 --listen asked for port 0.
 """
@@ -19,13 +19,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvtier.engine.sizes import parse_size, size_arg
-from kvtier.kvstore.kv_bulk_server import BulkListener
-from kvtier.kvstore.kv_server import BULK_TRANSFER_OPTIONS, KVStoreServicer, kvstore_handler
-from kvtier.kvstore.kv_server_health import HealthService
-from kvtier.kvstore.kv_server_memory import keep_block_memory_for_reuse
-from kvtier.kvstore.kv_server_auth import NamespaceResolver, TokenAuthInterceptor, load_token_file
-from kvtier.kvstore.kv_server_store import BlockStore
+from kvtier.sizes import parse_size, size_arg
+from kvtier.kvstore.service.server.bulk import BulkListener
+from kvtier.kvstore.service.protocol import BULK_TRANSFER_OPTIONS
+from kvtier.kvstore.service.server.servicer import KVStoreServicer, kvstore_handler
+from kvtier.kvstore.service.server.health import HealthService
+from kvtier.kvstore.service.server.memory import keep_block_memory_for_reuse
+from kvtier.kvstore.service.server.auth import NamespaceResolver, TokenAuthInterceptor, load_token_file
+from kvtier.kvstore.service.server.store import BlockStore
 
 DEFAULT_MAX_MESSAGE = "16MiB"
 LISTENING = "kvtier kv-server listening on"
@@ -80,7 +81,7 @@ class RunningServer:
 
 
 def _open_persist(path: str, capacity: int):
-    from kvtier.kvstore.lmdb_tier import LmdbTier  # only servers that persist need lmdb
+    from kvtier.kvstore.tiers.lmdb_tier import LmdbTier  # only servers that persist need lmdb
 
     return LmdbTier(path, capacity)
 

@@ -66,7 +66,7 @@ _CODECS_BY_ID: dict[int, Codec] = {0: Codec()}
 
 # Built-in codecs that register themselves when their module is first imported: a reader
 # (any tier, the kv-server) must decode values whatever codec their writer chose.
-_BUILTIN_MODULES = {"fp8": "kvtier.kvstore.codec_fp8"}
+_BUILTIN_MODULES = {"fp8": "kvtier.kvstore.format.fp8"}
 _BUILTIN_IDS = {1: "fp8"}
 
 

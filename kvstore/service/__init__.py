@@ -1,0 +1,3 @@
+"""kvtier's KV service: the protocol shared by both ends (`protocol`, `wire` for gRPC
+chunking, `bulk_protocol` for the bulk stream), the client (`client`, `bulk_client`,
+`rendezvous` sharding), and the server under `server/`."""
