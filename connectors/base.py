@@ -5,13 +5,15 @@ halves so the worker half could later live in another process:
 
 scheduler side (called by the Scheduler only)
     lookup(request, num_device_tokens) -> tokens loadable beyond the device hit (no side effects)
-    on_allocated(request, block_ids, num_external_tokens) -> the device blocks to load into
+    on_allocated(request, block_ids, num_external_tokens): block_ids are the device blocks
+        reserved for the external tokens, in prefix order; the connector records the load
+    request_blocks_saved(block_ids, block_hashes): blocks that became full this step
+    blocks_evicted(block_ids, block_hashes): cached blocks about to be overwritten
     build_metadata() -> ConnectorMetadata for this step (loads to start, blocks to save)
     on_request_finished(request, block_ids) -> True to hold the blocks until a save completes
-    on_output(ConnectorOutput) -> completion reports from the worker side
 worker side (called around the forward pass)
-    register_kv_caches(pool), start_load(meta) (before the forward), wait_for_layer(i)
-    (optional, layer-pipelined loads), save(meta) (after the forward), get_finished()
+    register_kv_caches(pool), start_load(meta) (before the forward), save(meta) (after the
+    forward), get_finished() -> ConnectorOutput (loads and saves that completed)
 
 Loads are asynchronous: a request whose prefix is being loaded waits in WAITING_FOR_KV
 while other requests keep running. A failed block truncates the reused prefix to the
@@ -121,17 +123,11 @@ class KVConnector:
     def on_request_finished(self, request: Request, block_ids: list[int]) -> bool:
         return False
 
-    def on_output(self, output: ConnectorOutput) -> None:
-        pass
-
     # ---- worker side ---------------------------------------------------------------
     def register_kv_caches(self, kv_pool: torch.Tensor) -> None:
         self.kv_pool = kv_pool
 
     def start_load(self, meta: ConnectorMetadata) -> None:
-        pass
-
-    def wait_for_layer(self, layer_idx: int) -> None:
         pass
 
     def save(self, meta: ConnectorMetadata) -> None:

@@ -66,10 +66,6 @@ class MultiConnector(KVConnector):
             self._holding[request.request_id] = holders
         return bool(holders)
 
-    def on_output(self, output: ConnectorOutput) -> None:
-        for child in self.children:
-            child.on_output(output)
-
     def register_kv_caches(self, kv_pool) -> None:
         super().register_kv_caches(kv_pool)
         for child in self.children:
@@ -78,10 +74,6 @@ class MultiConnector(KVConnector):
     def start_load(self, meta: MultiMetadata) -> None:
         for child, m in zip(self.children, meta.per_child):
             child.start_load(m)
-
-    def wait_for_layer(self, layer_idx: int) -> None:
-        for child in self.children:
-            child.wait_for_layer(layer_idx)
 
     def save(self, meta: MultiMetadata) -> None:
         for child, m in zip(self.children, meta.per_child):

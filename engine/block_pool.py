@@ -63,7 +63,7 @@ class FreeBlockQueue:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True):
+    def __init__(self, num_blocks: int, enable_caching: bool = True, record_evictions: bool = False):
         if num_blocks <= 0:
             raise ValueError(f"KV pool must hold at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -73,7 +73,9 @@ class BlockPool:
         self.cached: dict[bytes, KVBlock] = {}
         self.num_evictions = 0
         # (block id, hash) of cached blocks handed out again since the last take_evicted():
-        # a write-back connector copies them out before the forward overwrites them.
+        # a write-back connector copies them out before the forward overwrites them. Only
+        # recorded for a consumer that drains it every step (else it would grow forever).
+        self.record_evictions = record_evictions
         self.evicted: list[tuple[int, bytes]] = []
 
     @property
@@ -100,7 +102,7 @@ class BlockPool:
         out = []
         for _ in range(n):
             b = self.free_queue.popleft()
-            if b.block_hash is not None:
+            if b.block_hash is not None and self.record_evictions:
                 self.evicted.append((b.block_id, b.block_hash))
             self._evict(b)
             b.ref_cnt = 1

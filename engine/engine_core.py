@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
-
 import torch
 
 from kvtier.connectors.base import ConnectorContext, KVConnector
@@ -19,6 +17,7 @@ from kvtier.engine.layers.paged_attention import bind_kv_cache
 from kvtier.engine.model_loader import load_model, weights_fingerprint
 from kvtier.engine.model_runner import ModelRunner
 from kvtier.engine.prefill_speed import PrefillSpeed
+from kvtier.engine.prompts import Prompt, invalid_token_ids, parse_prompt
 from kvtier.engine.output_builder import OutputBuilder
 from kvtier.engine.outputs import RequestOutput
 from kvtier.engine.request import Request, RequestStatus
@@ -26,12 +25,6 @@ from kvtier.engine.sampling_params import SamplingParams
 from kvtier.engine.scheduler import Scheduler
 from kvtier.engine.tokenizer import load_tokenizer
 from kvtier.kvstore.tiers.spec import BlockLayout
-
-@dataclass
-class Prompt:
-    text: str | None
-    token_ids: list[int]
-    cache_salt: str | None = None
 
 KV_LAYOUT = "page-first-v1"  # [blocks, layers, 2, block_size, kv_heads, head_dim]
 
@@ -58,7 +51,8 @@ class Engine:
 
         fingerprint = weights_fingerprint(config.model)
         self.namespace = model_namespace(fingerprint, str(config.dtype), KV_LAYOUT, bs)
-        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching,
+                                 track_transfers=config.connector_spec() is not None)
         self.runner = ModelRunner(self.model, bs, config.device, config.seed)
         self.prefill_speed = PrefillSpeed()
         self.connector = self._build_connector(block_shape)
@@ -100,24 +94,7 @@ class Engine:
         return self.tokenizer.encode(prompt)
 
     def parse_prompt(self, prompt) -> Prompt:
-        """str, {"prompt": str} or {"prompt_token_ids": [...]} (optionally with "cache_salt"), or ids."""
-        if isinstance(prompt, Prompt):
-            return prompt
-        salt = None
-        if isinstance(prompt, dict):
-            salt = prompt.get("cache_salt")
-            if salt is not None and not isinstance(salt, str):
-                raise ValueError("cache_salt: must be a string")
-            if "prompt_token_ids" in prompt:
-                return Prompt(prompt.get("prompt"), list(prompt["prompt_token_ids"]), salt)
-            if "prompt" in prompt:
-                return Prompt(prompt["prompt"], self.tokenize(prompt["prompt"]), salt)
-            raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            return Prompt(prompt, self.tokenize(prompt), None)
-        if isinstance(prompt, (list, tuple)):
-            return Prompt(None, list(prompt), None)
-        raise ValueError(f"prompt: expected str, dict or list of token ids, got {type(prompt).__name__}")
+        return parse_prompt(prompt, self.tokenize)
 
     def add_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> Request:
         """Queue a prompt. One that can never run still yields a request, finished with an error."""
@@ -142,21 +119,12 @@ class Engine:
         if params.logprobs is not None:
             req.logprobs = []
         self.requests[rid] = req
-        error = self._validate_tokens(prompt.token_ids) or self.scheduler.add(req)
+        error = invalid_token_ids(prompt.token_ids, self.arch.vocab_size) or self.scheduler.add(req)
         if error is not None:
             req.error = error
             req.status = RequestStatus.FINISHED_ERROR
             self._ended_outside_loop.append(req)
         return req
-
-    def _validate_tokens(self, token_ids: list[int]) -> str | None:
-        if not token_ids:
-            return "prompt is empty"
-        vocab = self.arch.vocab_size
-        for t in token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                return f"prompt token id {t!r} is outside the vocabulary [0, {vocab})"
-        return None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

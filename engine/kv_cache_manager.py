@@ -7,10 +7,13 @@ from kvtier.engine.request import Request
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool):
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, track_transfers: bool = False):
+        """track_transfers: record newly full and evicted blocks for a connector, which
+        drains them every step (Scheduler._notify_connector); off without one."""
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.track_transfers = track_transfers
+        self.pool = BlockPool(num_blocks, enable_caching, record_evictions=track_transfers)
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self.num_published: dict[str, int] = {}  # leading blocks of a request already in the hash map
         # (block id, hash) of blocks computed full since the last take_newly_full(): a
@@ -91,7 +94,7 @@ class KVCacheManager:
         end = min(num_tokens // bs, len(request.block_hashes))
         for i in range(start, end):
             tokens = request.token_ids_slice(i * bs, (i + 1) * bs)
-            if self.pool.cache_block(blocks[i], request.block_hashes[i], tokens) and computed:
+            if self.pool.cache_block(blocks[i], request.block_hashes[i], tokens) and computed and self.track_transfers:
                 self.newly_full.append((blocks[i].block_id, request.block_hashes[i]))
         self.num_published[request.request_id] = max(start, end)
 

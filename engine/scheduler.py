@@ -146,7 +146,8 @@ class Scheduler:
         self.connector.on_allocated(req, self.kv.block_ids(req.request_id)[first:], num_external)
 
     def _notify_connector(self) -> None:
-        """Hand the connector this step's newly computed and about-to-be-overwritten blocks."""
+        """Hand the connector this step's newly computed and about-to-be-overwritten blocks
+        (recorded only when a connector exists: KVCacheManager.track_transfers)."""
         if self.connector is None:
             return
         evicted = self.kv.pool.take_evicted()

@@ -160,3 +160,29 @@ def test_incremental_stop_detection_matches_decoding_everything_each_step(setup)
             held_back += 1
         builder.build(req)
     assert held_back <= 10 and not builder._texts  # finished requests leave nothing behind
+
+
+def test_token_ids_of_any_integer_type_run_like_python_ints(setup):
+    """numpy and torch integer scalars, 1-D arrays and tensors are token ids like ints."""
+    import numpy as np
+    import torch
+
+    llm, prompt = setup["llm"], setup["prompts"][1]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    forms = [prompt, [np.int64(t) for t in prompt], np.array(prompt, dtype=np.int32),
+             torch.tensor(prompt), [torch.tensor(t) for t in prompt]]
+    outs = llm.generate([{"prompt_token_ids": f} for f in forms] + [np.array(prompt)], params, use_tqdm=False)
+    assert [o.error for o in outs] == [None] * len(outs)
+    assert all(o.outputs[0].token_ids == outs[0].outputs[0].token_ids for o in outs)
+    assert all(type(t) is int for o in outs for t in o.prompt_token_ids)
+
+
+def test_token_ids_that_are_not_integers_are_named_as_such(setup):
+    llm = setup["llm"]
+    params = SamplingParams(temperature=0, max_tokens=2)
+    out = llm.generate({"prompt_token_ids": [5, 2.0, 7]}, params, use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "error" and "not an integer" in out.error
+    with pytest.raises(ValueError, match="1-D"):
+        import numpy as np
+
+        llm.generate({"prompt_token_ids": np.ones((2, 3), dtype=np.int64)}, params, use_tqdm=False)
