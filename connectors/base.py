@@ -1,10 +1,11 @@
-"""The KV connector interface (DESIGN.md §4), modelled on vLLM's KVConnectorBase_V1.
+"""The KV connector interface (docs/architecture.md §4), modelled on vLLM's KVConnectorBase_V1.
 
 A connector moves KV blocks between the engine's device pool and somewhere else. It has two
 halves so the worker half could later live in another process:
 
 scheduler side (called by the Scheduler only)
-    lookup(request, num_device_tokens) -> tokens loadable beyond the device hit (no side effects)
+    lookup(request, num_device_tokens) -> tokens loadable beyond the device hit, or None:
+        "not known yet, ask again next step" (no side effects on the request; see below)
     on_allocated(request, block_ids, num_external_tokens): block_ids are the device blocks
         reserved for the external tokens, in prefix order; the connector records the load
     request_blocks_saved(block_ids, block_hashes): blocks that became full this step
@@ -14,6 +15,12 @@ scheduler side (called by the Scheduler only)
 worker side (called around the forward pass)
     register_kv_caches(pool), start_load(meta) (before the forward), save(meta) (after the
     forward), get_finished() -> ConnectorOutput (loads and saves that completed)
+
+lookup runs on the engine loop, so it must answer in microseconds: a connector asking a
+remote store does so off the loop and returns None until the answer is in. The scheduler
+then passes over that request for this step (it keeps its place in the queue) and keeps
+running and admitting the others. A connector must settle within a bounded time (the
+tiered connector's `lookup_budget_s`), answering from what it knows if a store is silent.
 
 Loads are asynchronous: a request whose prefix is being loaded waits in WAITING_FOR_KV
 while other requests keep running. A failed block truncates the reused prefix to the
@@ -105,7 +112,8 @@ class KVConnector:
         self.context = context
 
     # ---- scheduler side ------------------------------------------------------------
-    def lookup(self, request: Request, num_device_tokens: int) -> int:
+    def lookup(self, request: Request, num_device_tokens: int) -> int | None:
+        """Tokens beyond the device hit this connector can load, or None while unknown."""
         return 0
 
     def on_allocated(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
@@ -134,7 +142,8 @@ class KVConnector:
         pass
 
     def get_finished(self, wait: bool = False) -> ConnectorOutput:
-        """Completed loads/saves; with wait=True block until at least one pending load ends."""
+        """Completed loads/saves; with wait=True (the engine has nothing to compute) first
+        wait, briefly (the loop steps again soon after), for a pending load or lookup to end."""
         return ConnectorOutput()
 
     def stats(self) -> dict[str, dict]:

@@ -34,10 +34,14 @@ class MultiConnector(KVConnector):
         self._chosen: dict[str, int] = {}
         self._holding: dict[str, set[int]] = {}
 
-    def lookup(self, request: Request, num_device_tokens: int) -> int:
+    def lookup(self, request: Request, num_device_tokens: int) -> int | None:
+        # Every child is asked (their remote probes run side by side); the answer waits
+        # for the slowest, which each child bounds by its own lookup budget.
+        answers = [child.lookup(request, num_device_tokens) for child in self.children]
+        if any(n is None for n in answers):
+            return None
         best, best_child = 0, None
-        for i, child in enumerate(self.children):
-            n = child.lookup(request, num_device_tokens)
+        for i, n in enumerate(answers):
             if n > best:
                 best, best_child = n, i
         if best_child is not None:

@@ -6,17 +6,26 @@ Config (`kv_connector_config`, or built from `kv_tiers`):
     load_or_recompute: True (default): load a prefix from a slow tier only where that beats
         recomputing it, judged from each tier's measured bandwidth and the engine's
         measured prefill speed.
+    lookup_budget_s: 0.25 (default): how long a request waits for a remote tier's lookup
+        answer before it goes on with what the local tiers hold (remote_lookup.py)
+    lookup_wait_s: 0.005 (default): how long one engine step waits for remote answers in all
 Loads run on a background thread into blocks the scheduler reserved for a WAITING_FOR_KV
-request, so the engine loop keeps stepping other requests meanwhile.
+request, so the engine loop keeps stepping other requests meanwhile. Lookups in remote
+tiers run on a thread pool too: `lookup` returns None ("ask again next step") while one is
+due, so the engine loop never waits on a remote store beyond `lookup_wait_s` per step.
 
 The scheduler asks `lookup` about the head waiting request every step until it is admitted;
 while it waits for device room, the tiers' answer is reused for LOOKUP_REUSE_S instead of
 paying a round trip to a remote store each step. A reused answer may be stale; that is
 safe: a block gone by load time fails its load and the rest of the prefix is recomputed.
+
+Caught faults (a load that crashed, a lookup that raised or missed its budget) are logged
+once per kind (kvstore/faults.py) and counted in stats()["connector"].
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import time
 
 import torch
@@ -31,13 +40,21 @@ from kvtier.connectors.base import (
     LoadSpec,
     SaveSpec,
 )
+from kvtier.connectors.remote_lookup import LookupBudget, RemoteLookups
+from kvtier.kvstore.faults import FaultLog
 from kvtier.kvstore.hierarchy import TierHierarchy
+from kvtier.kvstore.stats import TierStats
 from kvtier.kvstore.tiers.base import Tier
 from kvtier.kvstore.tiers.spec import build_tier
 
 _POLICIES = ("write-through", "write-back")
 LOOKUP_REUSE_S = 0.5
 _MAX_REMEMBERED = 1024  # remembered lookups, for requests that wait a long time or go away
+# get_finished(wait=True) waits at most this long, so an idle engine loop still comes back
+# soon (for requests added meanwhile) while a load or lookup on a slow store drags on.
+IDLE_WAIT_S = 0.05
+_KEYS = {"tiers", "write_policy", "load_or_recompute", "lookup_budget_s", "lookup_wait_s"}
+log = logging.getLogger(__name__)
 
 
 def plan_prefix_load(block_costs: list[float], recompute_cost: float) -> int:
@@ -57,7 +74,7 @@ def plan_prefix_load(block_costs: list[float], recompute_cost: float) -> int:
 class TieredConnector(KVConnector):
     def __init__(self, config: dict, context: ConnectorContext):
         super().__init__(config, context)
-        unknown = set(self.config) - {"tiers", "write_policy", "load_or_recompute"}
+        unknown = set(self.config) - _KEYS
         if unknown:
             raise ValueError(f"kv_connector_config: unknown key(s) {', '.join(sorted(unknown))}")
         specs = self.config.get("tiers")
@@ -67,6 +84,9 @@ class TieredConnector(KVConnector):
         if self.write_policy not in _POLICIES:
             raise ValueError(f"kv_connector_config: write_policy must be one of {', '.join(_POLICIES)}")
         self.load_or_recompute = bool(self.config.get("load_or_recompute", True))
+        defaults = LookupBudget()
+        budget = LookupBudget(self.config.get("lookup_budget_s", defaults.budget_s),
+                              self.config.get("lookup_wait_s", defaults.wait_s))
         tiers = []
         try:
             for spec in specs:
@@ -76,15 +96,18 @@ class TieredConnector(KVConnector):
                 t.close()
             raise
         self.hierarchy = TierHierarchy(tiers, write_policy=self.write_policy)
+        self.faults = FaultLog(log)
+        self._remote = RemoteLookups(self.hierarchy.tiers, self.hierarchy.names, budget, self.faults)
         self._lookups: dict[str, tuple[list, list[int]]] = {}
         # request id -> (when, first block, last block, keys, tier of each block found)
         self._recent: dict[str, tuple[float, int, int, list, list[int]]] = {}
         self._meta = ConnectorMetadata()
         self._loader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
-        self._loads: dict[str, cf.Future] = {}
+        self._loads: dict[str, tuple[cf.Future, int]] = {}  # request id -> (load, its blocks)
+        self.num_crashed_loads = 0
 
     # ---- scheduler side ------------------------------------------------------------
-    def lookup(self, request: Request, num_device_tokens: int) -> int:
+    def lookup(self, request: Request, num_device_tokens: int) -> int | None:
         bs = self.context.block_size
         first = num_device_tokens // bs
         last = (request.num_tokens - 1) // bs  # always leave one token to compute
@@ -96,7 +119,9 @@ class TieredConnector(KVConnector):
             keys, locations = seen[3], seen[4]
         else:
             keys = [self.context.key(h) for h in request.block_hashes[first:last]]
-            locations = self.hierarchy.lookup(keys)
+            locations = self._remote.lookup(request.request_id, keys)
+            if locations is None:
+                return None  # a remote tier's answer is due; asked again next step
             if len(self._recent) >= _MAX_REMEMBERED:
                 self._recent = {r: s for r, s in self._recent.items() if now - s[0] < LOOKUP_REUSE_S}
             self._recent[request.request_id] = (now, first, last, keys, locations)
@@ -131,7 +156,13 @@ class TieredConnector(KVConnector):
     def build_metadata(self) -> ConnectorMetadata:
         meta, self._meta = self._meta, ConnectorMetadata()
         self._lookups.clear()  # lookups not followed by an allocation this step are stale
+        self._remote.new_step()
         return meta
+
+    def on_request_finished(self, request: Request, block_ids: list[int]) -> bool:
+        self._remote.forget(request.request_id)  # e.g. aborted while its lookup was due
+        self._recent.pop(request.request_id, None)
+        return False
 
     # ---- worker side ---------------------------------------------------------------
     def start_load(self, meta: ConnectorMetadata) -> None:
@@ -139,7 +170,7 @@ class TieredConnector(KVConnector):
         for spec in meta.saves_before_forward:
             self._store(spec)
         for spec in meta.loads:
-            self._loads[spec.request_id] = self._loader.submit(self._load, spec)
+            self._loads[spec.request_id] = (self._loader.submit(self._load, spec), len(spec.keys))
 
     def _load(self, spec: LoadSpec) -> LoadResult:
         into = [self.kv_pool[b] for b in spec.block_ids]
@@ -164,23 +195,36 @@ class TieredConnector(KVConnector):
         self.hierarchy.store(spec.keys, blocks)
 
     def get_finished(self, wait: bool = False) -> ConnectorOutput:
-        if wait and self._loads:
-            cf.wait(list(self._loads.values()), return_when=cf.FIRST_COMPLETED)
+        if wait:  # the engine has nothing to compute: wait for a load or a lookup to end
+            pending = [f for f, _ in self._loads.values()] + self._remote.pending()
+            if pending:
+                cf.wait(pending, timeout=IDLE_WAIT_S, return_when=cf.FIRST_COMPLETED)
         out = ConnectorOutput()
-        for rid in [r for r, f in self._loads.items() if f.done()]:
-            future = self._loads.pop(rid)
+        for rid in [r for r, (f, _) in self._loads.items() if f.done()]:
+            future, num_blocks = self._loads.pop(rid)
             try:
                 out.finished_loads[rid] = future.result()
-            except Exception:  # a tier bug must not kill the request: recompute everything
-                out.finished_loads[rid] = LoadResult(0, 0, {})
+            except Exception as e:  # a tier bug must not kill the request: recompute everything
+                self.faults.record("load", e)
+                self.num_crashed_loads += 1
+                out.finished_loads[rid] = LoadResult(0, num_blocks, {})
         return out
 
     def stats(self) -> dict[str, dict]:
-        return {name: s.as_dict() for name, s in self.hierarchy.stats().items()}
+        out = {name: s.as_dict() for name, s in self.hierarchy.stats().items()}
+        missed = {n: m for n, m in zip(self.hierarchy.names, self._remote.missed) if m}
+        faults = self.faults.counts()
+        # Shaped like a tier's entry (callers that list tiers read the same fields) plus the
+        # connector's own counters.
+        out["connector"] = {**TierStats(errors=sum(faults.values()), faults=faults).as_dict(),
+                            "crashed_loads": self.num_crashed_loads,
+                            "deferred_lookups": self._remote.deferred, "lookup_timeouts": missed}
+        return out
 
     def flush(self, timeout: float | None = None) -> bool:
         return self.hierarchy.flush(timeout)
 
     def close(self) -> None:
+        self._remote.close()
         self._loader.shutdown(wait=True)
         self.hierarchy.close()

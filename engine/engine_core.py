@@ -147,8 +147,9 @@ class Engine:
                 if connector is not None:
                     connector.save(meta)
                 done += self._apply(sched_out, result)
-            elif connector is not None and self.scheduler.loading:
-                # Nothing to compute until a load lands: wait for one instead of spinning.
+            elif connector is not None and (self.scheduler.loading or self.scheduler.waiting):
+                # Nothing to compute until a load lands or a tier lookup answers: wait
+                # (briefly, the connector bounds it) instead of spinning.
                 self.scheduler.on_connector_output(connector.get_finished(wait=True))
         outputs = []
         for req in done:

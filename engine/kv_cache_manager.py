@@ -1,4 +1,4 @@
-"""Owns which device blocks each request holds. Only the scheduler calls it (DESIGN.md §2)."""
+"""Owns which device blocks each request holds. Only the scheduler calls it (docs/architecture.md §2)."""
 from __future__ import annotations
 
 from kvtier.engine.block_hash import extend_block_hashes

@@ -8,7 +8,8 @@ it waits again at the front.
 
 With a connector, a waiting request whose prefix continues in a tier beyond the device hit
 gets blocks for it and parks in WAITING_FOR_KV while the worker side loads them; it runs
-from the first block that did not load intact.
+from the first block that did not load intact. A request whose tier lookup is still in
+flight (a remote store) is passed over until the connector answers; the rest go on.
 """
 from __future__ import annotations
 
@@ -102,20 +103,28 @@ class Scheduler:
             i += 1
 
         # FCFS: stop at the first waiting request that does not fit; never admit in a step that preempted.
-        while self.waiting and budget > 0 and not out.preempted and self._num_active() < self.max_num_seqs:
-            req = self.waiting[0]
+        # One exception: a request whose tier lookup is still due (lookup -> None) keeps its
+        # place but is passed over this step, so a slow store holds up only that request;
+        # the connector answers it within its lookup budget. At most max_num_seqs are passed over.
+        skipped = 0
+        while (skipped < min(len(self.waiting), self.max_num_seqs) and budget > 0 and not out.preempted
+               and self._num_active() < self.max_num_seqs):
+            req = self.waiting[skipped]
             hits, num_hit_tokens = self.kv.get_computed_blocks(req)
             num_external = self.connector.lookup(req, num_hit_tokens) if self.connector else 0
+            if num_external is None:
+                skipped += 1
+                continue
             if num_external:
                 if self.kv.allocate_slots(req, 0, hits, num_external_tokens=num_external) is None:
                     break
-                self.waiting.popleft()
+                del self.waiting[skipped]
                 self._start_loading(req, num_hit_tokens, num_external)
                 continue
             num_new = min(req.num_tokens - num_hit_tokens, budget)
             if self.kv.allocate_slots(req, num_new, hits) is None:
                 break
-            self.waiting.popleft()
+            del self.waiting[skipped]
             self._record_admission(req, num_hit_tokens, {})
             req.num_computed_tokens = num_hit_tokens
             req.status = RequestStatus.RUNNING

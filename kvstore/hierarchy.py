@@ -3,101 +3,44 @@
 - lookup: the longest prefix of blocks held anywhere, with the fastest tier holding each.
 - load: one batched get per tier; a block a tier fails (missing, corrupt) falls back to the
   next tier down; blocks that came from below are promoted up.
-- store: write-through (tier 0 now, lower tiers by background writers) or write-back (tier 0
-  only; what a tier evicts is written to the tier below it).
+- store: write-through (tier 0 now, lower tiers by their writers) or write-back (tier 0
+  only; what a tier evicts is written to the tier below it, for tiers that report evictions).
 
-Tier 0, when it is host memory, is written inline (a memcpy); every other write runs on a
-per-tier background thread behind a bounded queue that drops and counts when full, so the
-engine loop never waits on a disk or a socket. No tier fault ever raises out of here.
+Writes: a tier that `writes_inline` (host memory: a memcpy) is written on the caller's
+thread. Every other tier has exactly one writer here, a BackgroundWriter
+(tiers/background_writer.py): a queue bounded in bytes that drops and counts
+(skipped_writes) what does not fit, applies what has queued up as one put, and on close
+drains until a deadline, then drops and counts the rest. Tiers themselves write
+synchronously, so there is no second queue behind this one.
+
+No tier fault ever raises out of here: each is counted in that tier's stats and logged, the
+first of each kind at once and then rate-limited (kvstore/faults.py); `fault_counts()` and
+`stats()[name].faults` show the counts by kind.
 """
 from __future__ import annotations
 
 import dataclasses
-import threading
+import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 
 import torch
 
-from kvtier.kvstore.tiers.cpu_tier import CpuTier
+from kvtier.kvstore.faults import FaultLog
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.stats import StatsRecorder, TierStats
+from kvtier.kvstore.tiers.background_writer import BackgroundWriter, WriterLimits
 from kvtier.kvstore.tiers.base import Tier
+
+log = logging.getLogger(__name__)
 
 WRITE_POLICIES = ("write-through", "write-back")
 
+_Item = tuple[list[BlockKey], list[torch.Tensor]]  # what a writer queues: keys and private copies
 
-class _TierWriter:
-    """One thread writing into one tier. enqueue() never blocks: what does not fit in the
-    queue (`max_blocks` blocks) is dropped and counted. Whatever has queued up is written in
-    one put (one transaction / one pipeline); an exception from the tier is counted, and
-    the thread keeps running."""
 
-    def __init__(self, tier: Tier, max_blocks: int, stats: StatsRecorder, name: str):
-        self.tier = tier
-        self.max_blocks = max_blocks
-        self._stats = stats  # the hierarchy's own counters for this tier (drops, errors)
-        self._items: deque[tuple[list[BlockKey], list[torch.Tensor]]] = deque()
-        self._queued = 0  # blocks in _items (a put in progress holds at most max_blocks more)
-        self._busy = False
-        self._closed = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=f"kvtier-writer-{name}", daemon=True)
-        self._thread.start()
-
-    def room(self) -> int:
-        with self._cond:
-            return 0 if self._closed else self.max_blocks - self._queued
-
-    def enqueue(self, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor]) -> None:
-        """Queue a prefix of the batch that fits (earlier blocks are worth more to prefix
-        lookups); `blocks` may be shorter than `keys` when the caller already knew the room."""
-        with self._cond:
-            n = min(len(blocks), 0 if self._closed else self.max_blocks - self._queued)
-            if n > 0:
-                self._items.append((list(keys[:n]), list(blocks[:n])))
-                self._queued += n
-                self._cond.notify_all()
-        if n < len(keys):
-            self._stats.add(skipped_writes=len(keys) - max(n, 0))
-
-    def flush(self, timeout: float | None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._items and not self._busy, timeout)
-
-    def close(self, timeout: float | None) -> None:
-        with self._cond:
-            self._closed = True
-            dropped, self._queued = self._queued, 0
-            self._items.clear()
-            self._cond.notify_all()
-        if dropped:
-            self._stats.add(skipped_writes=dropped)
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._items or self._closed)
-                if self._closed:
-                    return
-                keys: list[BlockKey] = []
-                blocks: list[torch.Tensor] = []
-                while self._items:
-                    k, b = self._items.popleft()
-                    keys += k
-                    blocks += b
-                self._queued = 0
-                self._busy = True
-            try:
-                self.tier.put(keys, blocks)
-            except Exception:  # a tier bug must not kill the writer
-                self._stats.add(errors=1, skipped_writes=len(keys))
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+def _nbytes(block: torch.Tensor) -> int:
+    return block.numel() * block.element_size()
 
 
 def _cpu_copies(blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -110,31 +53,60 @@ def _cpu_copies(blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [b.detach().to("cpu", copy=True) for b in blocks]
 
 
+def _fitting(writer: BackgroundWriter, sizes: Sequence[int]) -> int:
+    """How many leading blocks the writer's queue takes now (earlier blocks are worth more
+    to prefix lookups). An empty queue takes at least one, however large."""
+    room = writer.room()
+    n = total = 0
+    for size in sizes:
+        if total + size > room:
+            break
+        total += size
+        n += 1
+    if n == 0 and sizes and room == writer.limits.queue_bytes:
+        n = 1
+    return n
+
+
 class TierHierarchy:
-    def __init__(self, tiers: Sequence[Tier], write_policy: str = "write-through", queue_blocks: int = 256):
+    def __init__(self, tiers: Sequence[Tier], write_policy: str = "write-through",
+                 writer: WriterLimits = WriterLimits()):
         if not tiers:
             raise ValueError("tier hierarchy: needs at least one tier")
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"write_policy: unknown {write_policy!r}; choose one of {', '.join(WRITE_POLICIES)}")
-        if queue_blocks < 1:
-            raise ValueError(f"queue_blocks: must be >= 1, got {queue_blocks}")
+        if not isinstance(writer, WriterLimits):
+            raise ValueError(f"writer: expected WriterLimits, got {type(writer).__name__}")
         self.tiers: list[Tier] = list(tiers)
         self.write_policy = write_policy
-        self.queue_blocks = queue_blocks
+        self.writer_limits = writer
         counts: dict[str, int] = {}
         for t in self.tiers:
             counts[t.name] = counts.get(t.name, 0) + 1
         self.names = [t.name if counts[t.name] == 1 else f"{t.name}{i}" for i, t in enumerate(self.tiers)]
-        self._extra = [StatsRecorder() for _ in self.tiers]  # faults seen by the hierarchy itself
-        # Host memory at the top is written inline; every other tier gets a writer thread.
-        self._writers: list[_TierWriter | None] = [
-            None if i == 0 and isinstance(t, CpuTier) else _TierWriter(t, queue_blocks, self._extra[i], self.names[i])
-            for i, t in enumerate(self.tiers)
+        self._extra = [StatsRecorder() for _ in self.tiers]  # faults and drops seen here
+        self._faults = [FaultLog(log) for _ in self.tiers]
+        self._writers: list[BackgroundWriter | None] = [
+            None if t.writes_inline else self._make_writer(i) for i, t in enumerate(self.tiers)
         ]
         if write_policy == "write-back":
             for i, t in enumerate(self.tiers[:-1]):
-                if isinstance(t, CpuTier):
-                    t.on_evict = self._spill_to(i + 1)
+                if t.supports_evict_hook:
+                    t.set_evict_hook(self._spill_to(i + 1))
+
+    def _make_writer(self, t: int) -> BackgroundWriter:
+        tier = self.tiers[t]
+        limits = self.writer_limits
+        if tier.write_queue_bytes is not None:  # the tier's spec asked for its own bound
+            limits = dataclasses.replace(limits, queue_bytes=tier.write_queue_bytes)
+
+        def apply(items: list[_Item]) -> None:
+            tier.put([k for ks, _ in items for k in ks], [b for _, bs in items for b in bs])
+
+        def failed(items: list[_Item], error: BaseException) -> None:
+            self._fault(t, "put", error, skipped_writes=sum(len(ks) for ks, _ in items))
+
+        return BackgroundWriter(apply, failed, limits, name=f"kvtier-writer-{self.names[t]}")
 
     # --- reads --------------------------------------------------------------------------
     def lookup(self, keys: Sequence[BlockKey]) -> list[int]:
@@ -195,17 +167,15 @@ class TierHierarchy:
             raise ValueError(f"store: {len(keys)} keys but {len(blocks)} blocks")
         if not keys:
             return
-        queued = list(range(1, len(self.tiers))) if self.write_policy == "write-through" else []
-        if self._writers[0] is None:
-            self._write(0, keys, blocks)
-        else:
-            queued.insert(0, 0)
-        self._enqueue_copies(queued, keys, blocks)  # one private copy shared by all writers
+        targets = range(len(self.tiers)) if self.write_policy == "write-through" else [0]
+        for t in targets:
+            if self._writers[t] is None:
+                self._put_inline(t, keys, blocks)
+        self._enqueue_copies([t for t in targets if self._writers[t] is not None], keys, blocks)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued write is done (top down, since write-back spills flow
-        downward), including a tier's own write queue where it has one (`tier.flush`);
-        False if `timeout` seconds passed first."""
+        downward) and each tier's `flush` has returned; False if `timeout` seconds passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def left() -> float | None:
@@ -214,96 +184,126 @@ class TierHierarchy:
         for i, (tier, w) in enumerate(zip(self.tiers, self._writers)):
             if w is not None and not w.flush(left()):
                 return False
-            tier_flush = getattr(tier, "flush", None)
-            if callable(tier_flush):
-                try:
-                    if tier_flush(left()) is False:
-                        return False
-                except Exception:
-                    self._extra[i].add(errors=1)
+            try:
+                if not tier.flush(left()):
+                    return False
+            except Exception as e:
+                self._fault(i, "flush", e)
         return True
 
     def stats(self) -> dict[str, TierStats]:
+        """Each tier's own stats plus what the hierarchy saw for it (faults, drops)."""
         out = {}
-        for name, tier, extra in zip(self.names, self.tiers, self._extra):
+        for i, (name, tier, extra) in enumerate(zip(self.names, self.tiers, self._extra)):
             try:
                 s = tier.stats()
-            except Exception:
-                s = TierStats(errors=1)
-            e = extra.snapshot()
-            out[name] = dataclasses.replace(
-                s, errors=s.errors + e.errors, skipped_writes=s.skipped_writes + e.skipped_writes
-            )
+            except Exception as e:
+                self._fault(i, "stats", e)
+                s = TierStats()
+            own = extra.snapshot()
+            faults = dict(s.faults)
+            for kind, n in self._faults[i].counts().items():
+                faults[kind] = faults.get(kind, 0) + n
+            out[name] = dataclasses.replace(s, errors=s.errors + own.errors, faults=faults,
+                                            skipped_writes=s.skipped_writes + own.skipped_writes)
         return out
 
-    def close(self, timeout: float | None = 10.0) -> None:
-        """Finish queued writes (up to `timeout` seconds), stop the writers, close the tiers."""
-        self.flush(timeout)
-        for w in self._writers:
-            if w is not None:
-                w.close(timeout)
+    def fault_counts(self) -> dict[str, dict[str, int]]:
+        """Caught faults by tier and kind ("lmdb.put: MapFullError" -> count)."""
+        return {name: s.faults for name, s in self.stats().items()}
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drain the writers (top down) until `timeout` seconds (default: the writer limits'
+        close_timeout_s), drop and count what is left, then close the tiers."""
+        timeout = self.writer_limits.close_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        for i, w in enumerate(self._writers):
+            if w is None:
+                continue
+            dropped = w.close(max(0.0, deadline - time.monotonic()))
+            if dropped:
+                self._extra[i].add(skipped_writes=sum(len(ks) for ks, _ in dropped))
         for i, tier in enumerate(self.tiers):
-            if isinstance(tier, CpuTier):
-                tier.on_evict = None
             try:
+                if tier.supports_evict_hook:
+                    tier.set_evict_hook(None)
                 tier.close()
-            except Exception:
-                self._extra[i].add(errors=1)
+            except Exception as e:
+                self._fault(i, "close", e)
 
     # --- helpers ------------------------------------------------------------------------
+    def _fault(self, t: int, op: str, error: BaseException, **counts) -> None:
+        """Count a fault of tier t caught here (errors + `counts`) and log it, rate-limited."""
+        self._faults[t].record(f"{self.names[t]}.{op}", error)
+        self._extra[t].add(errors=1, **counts)
+
     def _promote(self, keys: Sequence[BlockKey], into: Sequence[torch.Tensor], source: list[int]) -> None:
         """Copy blocks served from below into the tiers above them: tier 0 always (the next
         request for this prefix gets it from the fastest tier); under write-through also the
-        tiers in between, through their writers."""
+        tiers in between."""
         up = [i for i, t in enumerate(source) if t > 0]
         if not up:
             return
-        self._write(0, [keys[i] for i in up], [into[i] for i in up])
-        if self.write_policy == "write-through":
-            for t in range(1, max(source)):
-                idx = [i for i in up if source[i] > t]
-                self._enqueue_copies([t], [keys[i] for i in idx], [into[i] for i in idx])
+        last = max(source) if self.write_policy == "write-through" else 1
+        for t in range(last):
+            idx = [i for i in up if source[i] > t]
+            self._write(t, [keys[i] for i in idx], [into[i] for i in idx])
 
     def _write(self, t: int, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor]) -> None:
-        writer = self._writers[t]
-        if writer is not None:
+        if self._writers[t] is None:
+            self._put_inline(t, keys, blocks)
+        else:
             self._enqueue_copies([t], keys, blocks)
-            return
+
+    def _put_inline(self, t: int, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor]) -> None:
         try:
             self.tiers[t].put(keys, blocks)
-        except Exception:
-            self._extra[t].add(errors=1, skipped_writes=len(keys))
+        except Exception as e:
+            self._fault(t, "put", e, skipped_writes=len(keys))
 
-    def _enqueue_copies(self, tiers, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor]) -> None:
+    def _enqueue_copies(self, tiers: Sequence[int], keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor]) -> None:
         """Hand private copies to the writers of `tiers`, copying only what some queue has
         room for (under back-pressure the engine should not copy blocks that will be dropped)."""
-        writers = [self._writers[t] for t in tiers]
-        if not writers or not keys:
+        if not tiers or not keys:
             return
-        need = min(len(keys), max(w.room() for w in writers))
-        copies = _cpu_copies(blocks[: max(need, 0)])
-        for w in writers:
-            w.enqueue(keys, copies)
+        sizes = [_nbytes(b) for b in blocks]
+        fits = [_fitting(self._writers[t], sizes) for t in tiers]
+        copies = _cpu_copies(blocks[: max(fits)])
+        for t, n in zip(tiers, fits):
+            self._submit(t, list(keys[:n]), copies[:n], sizes[:n])
+            if n < len(keys):
+                self._extra[t].add(skipped_writes=len(keys) - n)
+
+    def _submit(self, t: int, keys: list[BlockKey], copies: list[torch.Tensor], sizes: Sequence[int]) -> None:
+        if keys and not self._writers[t].submit((keys, copies), sum(sizes)):
+            self._extra[t].add(skipped_writes=len(keys))  # filled up (or closed) meanwhile
 
     def _spill_to(self, t: int):
-        """on_evict hook for write-back: blocks leaving tier t-1 go to tier t (they are
+        """Evict hook for write-back: blocks leaving tier t-1 go to tier t (they are
         already private copies, so no second copy)."""
 
         def spill(keys: list[BlockKey], blocks: list[torch.Tensor]) -> None:
-            self._writers[t].enqueue(keys, blocks)
+            if self._writers[t] is None:
+                self._put_inline(t, keys, blocks)
+                return
+            sizes = [_nbytes(b) for b in blocks]
+            n = _fitting(self._writers[t], sizes)
+            self._submit(t, keys[:n], blocks[:n], sizes[:n])
+            if n < len(keys):
+                self._extra[t].add(skipped_writes=len(keys) - n)
 
         return spill
 
     def _contains(self, t: int, keys: list[BlockKey]) -> list[bool]:
         try:
             return list(self.tiers[t].contains(keys))
-        except Exception:
-            self._extra[t].add(errors=1)
+        except Exception as e:
+            self._fault(t, "contains", e)
             return [False] * len(keys)
 
     def _get(self, t: int, keys: list[BlockKey], into: list[torch.Tensor]) -> list[bool]:
         try:
             return list(self.tiers[t].get(keys, into))
-        except Exception:
-            self._extra[t].add(errors=1)
+        except Exception as e:
+            self._fault(t, "get", e)
             return [False] * len(keys)

@@ -19,6 +19,9 @@ class TierStats:
     write_seconds: float = 0.0
     puts: int = 0  # blocks stored
     skipped_writes: int = 0  # writes not done (admission, full, breaker open, back-pressure)
+    # Caught faults by kind ("where: ExceptionType" -> count), see kvstore/faults.py. Plain
+    # str -> int, so as_dict() stays JSON-friendly.
+    faults: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -43,4 +46,4 @@ class StatsRecorder:
 
     def snapshot(self) -> TierStats:
         with self._lock:
-            return dataclasses.replace(self._stats)
+            return dataclasses.replace(self._stats, faults=dict(self._stats.faults))

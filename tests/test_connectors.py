@@ -1,7 +1,10 @@
 """The connector API end to end: the tiered connector with a CPU tier under a small device
 pool, injected tier faults, MultiConnector, and third-party connectors by entry point and path."""
+import logging
 import pathlib
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -9,6 +12,9 @@ from hf_checkpoints import make_variant
 
 from kvtier import LLM, SamplingParams
 from kvtier.connectors.registry import get_connector_class
+from kvtier.connectors.remote_lookup import LookupBudget, RemoteLookups
+from kvtier.kvstore.faults import FaultLog
+from kvtier.kvstore.keys import BlockKey
 from kvtier.engine.model_config import load_model_config
 from kvtier.kvstore.tiers.byte_store import ByteStoreTier, StoreUnavailable
 from kvtier.kvstore.tiers.cpu_tier import CpuTier
@@ -185,6 +191,9 @@ def test_third_party_connector(model, tmp_path, monkeypatch, how):
     (dict(kv_tiers=["cpu:1GiB"], enable_prefix_caching=False), "enable_prefix_caching"),
     (dict(kv_connector="tiered", kv_connector_config={"tiers": ["cpu:1GiB"], "write_policy": "sometimes"}),
      "write_policy"),
+    (dict(kv_tiers=["cpu:1GiB"], kv_connector_config={"lookup_budget_s": -1}), "lookup_budget_s"),
+    (dict(kv_tiers=["cpu:1GiB"], kv_connector_config={"lookup_budget_s": "soon"}), "lookup_budget_s"),
+    (dict(kv_tiers=["cpu:1GiB"], kv_connector_config={"lookup_wait_s": 0.5}), "lookup_wait_s"),
 ])
 def test_bad_connector_config_fails_fast(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -261,3 +270,121 @@ def test_a_waiting_requests_tier_lookup_is_reused_while_it_waits(model, monkeypa
         assert tier.probes <= 2 * len(LENGTHS) < len(steps)
     else:
         assert tier.probes > 2 * len(LENGTHS)
+
+
+def test_a_lookup_answered_later_holds_up_only_its_own_request(model, monkeypatch):
+    """The lookup contract: None means "ask again next step". The scheduler passes over that
+    request (it keeps its place) and admits the ones behind it meanwhile."""
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
+    with LLM(model["path"], kv_cache_memory_bytes=24 * model["block_bytes"],
+             kv_connector="kvtier_test_plugin:SlowLookupConnector",
+             kv_connector_config={"slow": ["0"], "defer": 3}) as llm:
+        outs = llm.generate(_prompts(model["prompts"]), PARAMS, use_tqdm=False)
+        answers = llm.engine.connector.answers
+    _assert_same_as_reference(model, outs)
+    first_known = {}
+    for i, (rid, answer) in enumerate(answers):
+        if answer is not None:
+            first_known.setdefault(rid, i)
+    assert [a for rid, a in answers if rid == "0"][:3] == [None] * 3
+    assert first_known["1"] < first_known["0"], "the request behind the slow one must not wait for it"
+
+
+class GateTier(ByteStoreTier):
+    """An in-memory store whose presence probe hangs while `open` is clear, as a frozen
+    (SIGSTOPped) server's would; `missed_deadline` counts what a circuit breaker would."""
+
+    name = "gate"
+    remote = True
+
+    def __init__(self):
+        super().__init__(1 << 30)
+        self.values: dict[bytes, bytes] = {}
+        self.open = threading.Event()
+        self.open.set()
+        self.probes = self.missed = 0
+
+    def _exists(self, keys):
+        self.probes += 1
+        self.open.wait(30)
+        return [k in self.values for k in keys]
+
+    def _read(self, keys):
+        return [self.values.get(k) for k in keys]
+
+    def _write(self, keys, values):
+        self.values.update(zip(keys, values))
+
+    def _remove(self, keys):
+        for k in keys:
+            self.values.pop(k, None)
+
+    def missed_deadline(self):
+        self.missed += 1
+
+
+def _answer(lookups, rid, keys, timeout=10.0):
+    """Ask as the scheduler does, once per step, until the answer is known."""
+    deadline = time.monotonic() + timeout
+    while (where := lookups.lookup(rid, keys)) is None:
+        assert time.monotonic() < deadline
+        lookups.new_step()
+        time.sleep(0.002)
+    return where
+
+
+def test_remote_lookups_wait_on_the_loop_only_briefly_and_give_up_after_their_budget(model):
+    cfg = load_model_config(model["path"])
+    layout = BlockLayout((cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim), torch.float32, torch.device("cpu"))
+    cpu, gate = CpuTier(1 << 20, layout), GateTier()
+    keys = [BlockKey(b"ns", bytes([i]) * 32) for i in range(5)]
+    cpu.put(keys[:2], [torch.full(layout.shape, float(i)) for i in range(2)])
+    gate.put(keys, [torch.full(layout.shape, float(i)) for i in range(5)])
+    faults = FaultLog(logging.getLogger("test"))
+    lookups = RemoteLookups([cpu, gate], ["cpu", "gate"], LookupBudget(budget_s=0.2, wait_s=0.01), faults)
+    try:
+        assert _answer(lookups, "healthy", keys) == [0, 0, 1, 1, 1]  # local first, then the remote tier
+
+        gate.open.clear()  # frozen
+        lookups.new_step()
+        t0 = time.monotonic()
+        assert lookups.lookup("frozen", keys) is None  # not yet: ask again next step
+        assert time.monotonic() - t0 < 0.1  # waited its step's allowance (10 ms), no more
+        assert _answer(lookups, "frozen", keys) == [0, 0]  # after the budget: what the local tier holds
+        assert 0.2 <= time.monotonic() - t0 < 2
+        assert gate.missed == 1 and lookups.missed == [0, 1]
+        assert faults.counts() == {"lookup gate: TimeoutError": 1}
+
+        probes = gate.probes
+        t0 = time.monotonic()
+        assert lookups.lookup("while-stuck", keys) == [0, 0]  # the stuck tier is skipped at once
+        assert time.monotonic() - t0 < 0.1 and gate.probes == probes
+
+        gate.open.set()  # resumed: once the stuck probe returns, the tier is asked again
+        deadline = time.monotonic() + 10
+        while _answer(lookups, f"resumed-{gate.probes}", keys) != [0, 0, 1, 1, 1]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        gate.open.set()
+        lookups.close()
+
+
+def test_a_crashed_load_is_logged_counted_and_recomputed(model, monkeypatch, caplog):
+    with LLM(model["path"], kv_cache_memory_bytes=24 * model["block_bytes"], kv_tiers=["cpu:64MiB"]) as llm:
+        llm.generate(_prompts(model["prompts"]), PARAMS, use_tqdm=False)
+        connector = llm.engine.connector
+
+        def crash(*args, **kwargs):
+            raise RuntimeError("injected load crash")
+
+        monkeypatch.setattr(connector.hierarchy, "load", crash)
+        with caplog.at_level(logging.WARNING):
+            outs = llm.generate(_prompts(model["prompts"]), PARAMS, use_tqdm=False)
+        stats = llm.kv_stats()
+    _assert_same_as_reference(model, outs)
+    crashed = stats["connector"]["crashed_loads"]
+    assert crashed > 0 and stats["connector"]["faults"] == {"load: RuntimeError": crashed}
+    assert stats["device"]["load_failures"] > 0, "the blocks of a crashed load are load failures"
+    logged = [r for r in caplog.records if "injected load crash" in r.getMessage()]
+    assert len(logged) == 1, "logged once, then rate-limited"

@@ -85,6 +85,18 @@ def test_on_evict_gets_copies_of_evicted_blocks():
     assert t.keys_lru() == [key(3), key(4)]
 
 
+def test_evict_hook_is_a_declared_capability_that_can_be_set_and_cleared():
+    t = tier(1)
+    assert t.supports_evict_hook and t.writes_inline  # what a hierarchy asks, not isinstance
+    seen: list = []
+    t.set_evict_hook(lambda ks, bs: seen.extend(ks))
+    t.put([key(0)], [block(0)])
+    t.put([key(1)], [block(1)])
+    t.set_evict_hook(None)
+    t.put([key(2)], [block(2)])
+    assert seen == [key(0)]
+
+
 def test_reused_slot_is_never_served():
     t = tier(1)
     t.put([key(0)], [block(0)])

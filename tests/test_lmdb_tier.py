@@ -1,5 +1,6 @@
 """The LMDB tier on a real LMDB directory: round trips, LRU eviction, admission, corruption
-on disk, a full map, back-pressure, bad specs, and restarts / sharing across real processes."""
+on disk, a full map, back-pressure through the hierarchy's writer, LRU touches that never
+block a reader, bad specs, and restarts / sharing across real processes."""
 import hashlib
 import os
 import struct
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from kvtier.kvstore.format.codec import HEADER_BYTES, encode_block
+from kvtier.kvstore.hierarchy import TierHierarchy
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.tiers.lmdb_tier import LmdbTier
 from kvtier.kvstore.tiers.spec import BlockLayout, build_tier, parse_tier_spec
@@ -156,25 +158,57 @@ def test_full_map_never_raises_and_recovers(tmp_path):
 
 
 def test_put_and_get_never_block_on_a_stalled_writer(tmp_path):
+    """Under the hierarchy, the tier's one writer is bounded by its `queue=` option in bytes."""
     t = build_tier(f"lmdb:{tmp_path}/kv?queue=4KiB", LAYOUT)
+    h = TierHierarchy([t])
     try:
         t.put([key(99)], [block(99)])
-        t.flush()
-        holder = t._env.begin(write=True)  # hold LMDB's writer lock: the writer thread stalls
+        holder = t.store._env.begin(write=True)  # hold LMDB's writer lock: the writer stalls
         try:
             start = time.perf_counter()
             for i in range(50):
-                t.put([key(i)], [block(i)])
+                h.store([key(i)], [block(i)])
             ok, out = fetch(t, [99])  # readers do not wait for writers
             assert time.perf_counter() - start < 1.0
             assert ok == [True] and torch.equal(out[0], block(99))
-            assert t.stats().skipped_writes > 0  # the bounded queue dropped, and counted
+            assert 0 < h.stats()["lmdb"].skipped_writes <= 50 - 4  # ~4 blocks fit in 4 KiB
         finally:
             holder.abort()
-        assert t.flush(timeout=10)
-        s = t.stats()
+        assert h.flush(timeout=10)
+        s = h.stats()["lmdb"]
         assert s.puts + s.skipped_writes == 51
         assert sum(present(t, range(50))) == s.puts - 1
+    finally:
+        h.close()
+
+
+def test_hits_never_wait_for_the_writer_lock_and_their_touches_steer_eviction(tmp_path):
+    t = LmdbTier(str(tmp_path / "kv"), 3 * VALUE_BYTES)
+    try:
+        t.put([key(i) for i in range(3)], [block(i) for i in range(3)])
+        holder = t.store._env.begin(write=True)  # another writer holds the lock
+        try:
+            start = time.perf_counter()
+            assert fetch(t, [0])[0] == [True]  # a hit: 0 becomes the most recently used
+            assert time.perf_counter() - start < 0.5
+        finally:
+            holder.abort()
+        t.put([key(3)], [block(3)])  # the touch is applied before this write evicts
+        assert present(t, range(4)) == [True, False, True, True]
+    finally:
+        t.close()
+
+
+def test_pending_touches_are_bounded(tmp_path, monkeypatch):
+    import kvtier.kvstore.tiers.lmdb_store as lmdb_store
+
+    monkeypatch.setattr(lmdb_store, "MAX_PENDING_TOUCHES", 4)
+    t = LmdbTier(str(tmp_path / "kv"), 1 << 20)
+    try:
+        t.put([key(i) for i in range(10)], [block(i) for i in range(10)])
+        assert fetch(t, range(10))[0] == [True] * 10
+        assert len(t.store._touches) == 4
+        assert t.flush() and len(t.store._touches) == 0
     finally:
         t.close()
 
@@ -283,10 +317,11 @@ def test_two_processes_share_one_directory(tmp_path):
     t = LmdbTier(path, capacity)
     try:
         # The persisted index agrees with what is stored, and usage respects the budget.
-        with t._env.begin() as txn:
-            sizes = [len(v) for _, v in txn.cursor(db=t._index.blocks)]
-            meta = {k: struct.unpack("<QQ", v) for k, v in txn.cursor(db=t._index.meta) if len(k) == 41}
-            order = [v for _, v in txn.cursor(db=t._index.order)]
+        index = t.store._index
+        with t.store._env.begin() as txn:
+            sizes = [len(v) for _, v in txn.cursor(db=index.blocks)]
+            meta = {k: struct.unpack("<QQ", v) for k, v in txn.cursor(db=index.meta) if len(k) == 41}
+            order = [v for _, v in txn.cursor(db=index.order)]
         assert len(sizes) == len(meta) == len(order) == 40
         assert sorted(order) == sorted(meta) and sum(sizes) == t.stats().used_bytes <= capacity
         newest = [i for i in range(90) if t.contains([key(i)])[0]]

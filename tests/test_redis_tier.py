@@ -2,8 +2,10 @@
 round trips, TTL, key namespaces, a server killed and restarted, one unreachable from the
 start, one hung, a cluster, bad specs; and the circuit breaker on its own."""
 import hashlib
+import logging
 import signal
 import time
+import warnings
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from redis_server import RedisClusterServers, RedisServer, free_port, redis_cli_
 
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
 from kvtier.kvstore.format.codec import HEADER_BYTES
+from kvtier.kvstore.hierarchy import TierHierarchy
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.tiers.redis_tier import RedisTier
 from kvtier.kvstore.tiers.spec import BlockLayout, build_tier
@@ -156,13 +159,14 @@ def test_unreachable_from_the_start_never_raises():
 
 def test_hung_server_times_out_then_the_breaker_answers_at_once():
     server = RedisServer().start()
-    t = build_tier(f"{server.url}?timeout=0.2&breaker_failures=2&breaker_cooldown=30&async=1", LAYOUT)
+    t = build_tier(f"{server.url}?timeout=0.2&breaker_failures=2&breaker_cooldown=30", LAYOUT)
+    h = TierHierarchy([t])
     try:
         put_all(t, [0])
         server.proc.send_signal(signal.SIGSTOP)  # alive, accepting, silent
         try:
             start = time.perf_counter()
-            t.put([key(1)], [block(1)])  # queued for the writer thread: no wait here
+            h.store([key(1)], [block(1)])  # queued for the tier's writer thread: no wait here
             assert time.perf_counter() - start < 0.05
             times = []
             for _ in range(4):
@@ -175,7 +179,7 @@ def test_hung_server_times_out_then_the_breaker_answers_at_once():
         finally:
             server.proc.send_signal(signal.SIGCONT)
     finally:
-        t.close()
+        h.close()
         server.stop()
 
 
@@ -233,7 +237,8 @@ def test_cluster_spreads_keys_over_nodes():
         ("redis://h:1?codec=zip", "unknown 'zip'"),
         ("redis://h:1?size=big", "cannot parse"),
         ("redis://h:1?admit=2", "unknown option"),
-        ("redis://h:1?async=perhaps", "not a boolean"),
+        ("redis://h:1?async=1", "async was removed"),
+        ("redis://h:1?queue=lots", "cannot parse"),
         ("memcached://h:1", "unknown tier"),
     ],
 )
@@ -307,6 +312,35 @@ def test_zero_copy_sets_store_exactly_what_the_reference_path_stores():
         server.stop()
 
 
+def _round_trip_through_the_hierarchy(url: str, prefix: str) -> RedisTier:
+    """Store 4 blocks through a hierarchy (the tier's writer thread), read them back."""
+    tier = RedisTier(url, prefix=prefix)
+    h = TierHierarchy([tier])
+    keys = [BlockKey(b"nsnsnsns", bytes([i]) * 32) for i in range(4)]
+    blocks = [torch.randn(3, 2, 16, 2, 8) for _ in keys]
+    h.store(keys, blocks)
+    assert h.flush(timeout=10)
+    into = [torch.empty_like(b) for b in blocks]
+    assert tier.get(keys, into) == [True] * 4 and all(torch.equal(a, b) for a, b in zip(into, blocks))
+    s = h.stats()["redis"]
+    assert (s.puts, s.errors, s.skipped_writes) == (4, 0, 0)
+    h.close()
+    return tier
+
+
+def test_the_zero_copy_writer_calls_redis_py_as_the_installed_version_wants(recwarn):
+    """redis-py < 5.3 needs get_connection("SET"); later ones warn when given it. Either
+    mistake shows here: a TypeError (no puts) or a DeprecationWarning."""
+    server = RedisServer().start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            tier = _round_trip_through_the_hierarchy(server.url, "raw:")
+        assert tier._raw_writes and tier.stats().faults == {}
+    finally:
+        server.stop()
+
+
 def test_without_redis_pys_private_socket_writes_take_the_plain_pipeline(monkeypatch):
     import kvtier.kvstore.tiers.redis_tier as redis_tier
 
@@ -315,12 +349,25 @@ def test_without_redis_pys_private_socket_writes_take_the_plain_pipeline(monkeyp
     monkeypatch.setattr(redis_tier, "_send_sets", None)  # would raise if called
     server = RedisServer().start()
     try:
-        tier = RedisTier(server.url, prefix="plain:")
-        keys = [BlockKey(b"nsnsnsns", bytes([i]) * 32) for i in range(4)]
-        blocks = [torch.randn(3, 2, 16, 2, 8) for _ in keys]
-        tier.put(keys, blocks)
-        into = [torch.empty_like(b) for b in blocks]
-        assert tier.get(keys, into) == [True] * 4 and all(torch.equal(a, b) for a, b in zip(into, blocks))
-        tier.close()
+        _round_trip_through_the_hierarchy(server.url, "plain:")
+        raw = server.client().keys("plain:*")
+        assert len(raw) == 4
+    finally:
+        server.stop()
+
+
+def test_a_pool_that_refuses_the_raw_writers_call_falls_back_once_and_logs_it(monkeypatch, caplog):
+    import kvtier.kvstore.tiers.redis_tier as redis_tier
+
+    # `*None` makes the get_connection call itself raise TypeError, as redis-py 5.0 did
+    # when called without a command name: nothing sent, so the public pipeline takes over.
+    monkeypatch.setattr(redis_tier, "_GET_CONNECTION_ARGS", None)
+    server = RedisServer().start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="kvtier"):
+            tier = _round_trip_through_the_hierarchy(server.url, "fallback:")
+        assert not tier._raw_writes
+        assert tier.stats().faults == {"redis.raw_writer: TypeError": 1}
+        assert sum("raw_writer" in r.getMessage() for r in caplog.records) == 1
     finally:
         server.stop()

@@ -1,6 +1,6 @@
 """Paged attention over the page-first KV pool.
 
-Pool layout (DESIGN.md §3): `[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`;
+Pool layout (docs/architecture.md §3): `[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`;
 a layer sees its view `kv[:, layer]` of shape `[num_blocks, 2, block_size, kv_heads, head_dim]`.
 
 Two implementations share one interface:

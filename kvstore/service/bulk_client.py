@@ -6,6 +6,12 @@ round trip; after that a put is its frames and one SYNC round trip, a get one ro
 whose values land straight in the destination tensors. When the server has no bulk stream
 (OpenBulk answers port 0) or its bulk port cannot be reached, connection() answers None
 and the caller uses gRPC's Put and Get instead.
+
+The same when the server refuses or drops us for one of its limits (OpenBulk or the HELLO
+answered RESOURCE_EXHAUSTED, the port full, a put over the tenant's in-flight bytes): the
+call goes through gRPC and so do calls for RETRY_REFUSED_S after, so blocks stay hits. The
+reason is logged rate-limited and counted (`fallbacks`). A timeout is not a refusal: a
+frozen server must cost one deadline, not two.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import torch
+from kvtier.kvstore.faults import FaultLog
 from kvtier.kvstore.format.codec import (
     HEADER_BYTES,
     CorruptBlock,
@@ -28,6 +35,8 @@ from kvtier.kvstore.format.codec import (
 from kvtier.kvstore.service.bulk_protocol import (
     MAGIC,
     OK,
+    RESOURCE_EXHAUSTED,
+    STATUS_NAMES,
     SYNC_FRAME,
     VALUE_LENGTH,
     BulkError,
@@ -35,6 +44,7 @@ from kvtier.kvstore.service.bulk_protocol import (
     put_frame,
     read_reply,
 )
+from kvtier.kvstore.service.tls import certificate_problem
 from kvtier.kvstore.socket_io import (
     BatchedSender,
     recv_exact_into,
@@ -44,6 +54,7 @@ from kvtier.kvstore.socket_io import (
 log = logging.getLogger(__name__)
 
 RETRY_UNREACHABLE_S = 60.0  # after the bulk port could not be reached, use gRPC this long
+RETRY_REFUSED_S = 5.0  # after the bulk port refused or dropped us (a server limit), likewise
 _MAX_IDLE = 8  # open connections kept per server
 
 
@@ -57,6 +68,25 @@ class BulkClient:
         self._lock = threading.Lock()
         self._idle: list[socket.socket] = []
         self._use_grpc_until = 0.0
+        self._faults = FaultLog(log)
+
+    @property
+    def fallbacks(self) -> int:
+        """Calls that went through gRPC because the bulk stream refused or dropped them."""
+        return self._faults.total()
+
+    def refused(self, error: OSError) -> bool:
+        """Whether `error` (from connection, put or get_into) was the server refusing or
+        dropping the connection; if so the caller retries over gRPC, as will calls for
+        RETRY_REFUSED_S. A timeout or a refused block is not: the caller sees it."""
+        if isinstance(error, BulkError):
+            refused = error.dropped or error.status == RESOURCE_EXHAUSTED
+        else:
+            refused = isinstance(error, (ConnectionError, ssl.SSLEOFError))
+        if refused:
+            self._use_grpc_until = time.monotonic() + RETRY_REFUSED_S
+            self._faults.record(f"kv-server {self._host} bulk stream refused or dropped a call; gRPC instead", str(error))
+        return refused
 
     def connection(self) -> socket.socket | None:
         """An open, authenticated connection; None when calls should go through gRPC."""
@@ -68,7 +98,12 @@ class BulkClient:
                 if _alive(sock):
                     return sock
                 sock.close()
-        reply = self._open_bulk()
+        try:
+            reply = self._open_bulk()  # BulkError(RESOURCE_EXHAUSTED): no ticket for us now
+        except BulkError as e:
+            if self.refused(e):
+                return None
+            raise
         if reply.port == 0:
             self._use_grpc_until = float("inf")  # the server has no bulk stream
             return None
@@ -89,11 +124,23 @@ class BulkClient:
                 sock = self._ssl.wrap_socket(sock, server_hostname=self._server_hostname)
             sock.sendall(MAGIC + reply.ticket)
             status, _, _, message = read_reply(sock)
-            if status != OK:
-                raise BulkError(f"bulk stream refused the connection: {message}", status)
-        except BaseException:
+        except BaseException as e:
             sock.close()
+            problem = certificate_problem(e)
+            if problem is not None:  # a certificate gRPC's TLS may still accept: use gRPC
+                log.warning("kv-server bulk stream at %s:%d: TLS handshake failed (%s); falling back to gRPC "
+                            "for %.0f s (the bulk stream verifies certificates strictly: docs in README, TLS)",
+                            host, reply.port, problem, RETRY_UNREACHABLE_S)
+                self._use_grpc_until = time.monotonic() + RETRY_UNREACHABLE_S
+                return None
+            if isinstance(e, OSError) and self.refused(e):  # dropped before the HELLO was answered
+                return None
             raise
+        if status != OK:
+            sock.close()
+            self.refused(BulkError(f"bulk stream refused the connection: {STATUS_NAMES.get(status, status)} "
+                                   f"{message}", status, dropped=True))
+            return None
         return sock
 
     def put(self, sock: socket.socket, items: Iterable[tuple[bytes, tuple | bytes]]) -> int:
@@ -208,4 +255,4 @@ def _why_closed(sock: socket.socket, error: OSError) -> BulkError:
         status, stored, rejected, message = read_reply(sock)
         return BulkError(message or str(error), status, stored)
     except OSError:
-        return BulkError(f"bulk stream broke: {error}")
+        return BulkError(f"bulk stream broke: {error}", dropped=isinstance(error, ConnectionError))

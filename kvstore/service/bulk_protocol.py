@@ -50,10 +50,11 @@ MAX_MESSAGE_CHARS = 1000
 class BulkError(OSError):
     """The bulk stream failed: the connection broke, or the server refused something."""
 
-    def __init__(self, message: str, status: int = UNAVAILABLE, stored: int = 0):
+    def __init__(self, message: str, status: int = UNAVAILABLE, stored: int = 0, dropped: bool = False):
         super().__init__(message)
         self.status = status
         self.stored = stored  # blocks the server did store before the failure was reported
+        self.dropped = dropped  # the server closed the connection without a reply (a limit, a restart)
 
     @property
     def status_name(self) -> str:

@@ -3,11 +3,12 @@
 Block bytes go over the server's bulk stream (bulk_client.py) when it has one, else as
 gRPC Put / Get streams, whose BlockChunks messages wire.py encodes; the rest goes
 through the generated stubs. Calls raise grpc.RpcError or OSError (the bulk stream); GrpcTier turns
-either into misses and the circuit breaker.
+either into misses and the circuit breaker. When the bulk stream refuses or drops a call (a
+server limit, bulk_client.BulkClient.refused), the same call goes through gRPC instead.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 import torch
@@ -17,6 +18,7 @@ from kvtier.kvstore.circuit_breaker import CircuitBreaker
 from kvtier.kvstore.format.codec import Codec, encode_parts, key_digest
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.service.bulk_client import BulkClient
+from kvtier.kvstore.service.bulk_protocol import RESOURCE_EXHAUSTED, BulkError
 from kvtier.kvstore.service.protocol import SERVICE
 from kvtier.kvstore.service.wire import decode_chunks, pack, split_value
 from kvtier.proto.kvtier.v1 import kvstore_pb2 as pb
@@ -47,6 +49,8 @@ class KVServerClient:
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server from before the bulk stream
                 return pb.OpenBulkResponse()
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # no ticket for us now: BulkClient uses gRPC
+                raise BulkError(f"OpenBulk: {e.details()}", RESOURCE_EXHAUSTED) from e
             raise
 
     def lookup(self, keys: list[bytes]) -> list[bool]:
@@ -80,19 +84,30 @@ class KVServerClient:
         """Read and decode into the tensors: (ok flags, positions of corrupt values, bytes read)."""
         raw = [k.to_bytes() for k in keys]
         sock = self.bulk.connection() if self.bulk is not None else None
-        if sock is None:
-            return decode_values(self.get(raw), keys, into)
-        return self.bulk.get_into(sock, raw, [key_digest(k) for k in keys], list(into))
+        if sock is not None:
+            try:
+                return self.bulk.get_into(sock, raw, [key_digest(k) for k in keys], list(into))
+            except OSError as e:
+                if not self.bulk.refused(e):
+                    raise
+        return decode_values(self.get(raw), keys, into)
 
     def put_values(self, keys: list[bytes], values: Sequence[bytes]) -> None:
-        self._send(zip(keys, values))
+        self._send(lambda: zip(keys, values))
 
-    def _send(self, items) -> None:
+    def _send(self, items: Callable[[], Iterable]) -> None:
+        """Send the (key, value) pairs that `items()` yields: over the bulk stream, or over
+        gRPC's Put when there is none or it refused or dropped the call (items() again:
+        re-putting a block the bulk stream did store is harmless)."""
         sock = self.bulk.connection() if self.bulk is not None else None
         if sock is not None:
-            self.bulk.put(sock, items)
-        else:
-            self._put(self._messages(items), timeout=self._timeout, metadata=self._metadata)
+            try:
+                self.bulk.put(sock, items())
+                return
+            except OSError as e:
+                if not self.bulk.refused(e):
+                    raise
+        self._put(self._messages(items()), timeout=self._timeout, metadata=self._metadata)
 
     def put_blocks(self, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor], codec: Codec) -> int:
         """Encode and send; returns the bytes sent. Each block is encoded as the stream
@@ -103,6 +118,7 @@ class KVServerClient:
         failure: list[BaseException] = []
 
         def values():
+            sent[0], failure[:] = 0, []  # a fallback to gRPC starts over
             for key, block in zip(keys, blocks):
                 try:
                     value = encode_parts(key, block, codec)  # joined only inside the message
@@ -113,7 +129,7 @@ class KVServerClient:
                 yield key.to_bytes(), value
 
         try:
-            self._send(values())
+            self._send(values)
         finally:
             if failure:
                 raise failure[0]

@@ -1,11 +1,13 @@
-"""A bounded queue drained by one daemon thread, for tiers whose writes are slow I/O.
+"""The one write queue of a slow tier: bounded in bytes, drained by one daemon thread.
 
-Tier.put() must return at once (DESIGN.md §5: the engine loop never waits on a disk or a
-socket for a write). put() encodes its blocks and submits them here; the thread takes
-everything queued so far (up to `max_batch_bytes`) and applies it as one batch — one LMDB
-write transaction, one Redis pipeline. When the queue already holds `max_queued_bytes`,
-submit() refuses and the tier counts a skipped write: back-pressure drops work, it never
-blocks the caller and never grows memory without bound.
+Policy (the only one in kvtier; kvstore/hierarchy.py gives each slow tier one of these):
+- submit() never blocks. What does not fit in `queue_bytes` is refused, and the caller
+  counts it as a skipped write: back-pressure drops work, it never stalls the engine and
+  never grows memory without bound.
+- The thread takes everything queued so far (up to `batch_bytes`) and applies it as one
+  batch: one LMDB write transaction, one Redis pipeline.
+- close(timeout) stops taking work, keeps draining until the deadline, then drops what is
+  still queued and reports how many items that was (the caller counts them as skipped).
 """
 from __future__ import annotations
 
@@ -13,30 +15,50 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+DEFAULT_QUEUE_BYTES = 256 << 20
+DEFAULT_BATCH_BYTES = 64 << 20  # one write transaction; bounds the pages a batch can pin
+
+
+@dataclass(frozen=True)
+class WriterLimits:
+    queue_bytes: int = DEFAULT_QUEUE_BYTES  # bytes waiting to be written, at most
+    batch_bytes: int = DEFAULT_BATCH_BYTES  # bytes handed to the store in one call, at most
+    close_timeout_s: float = 10.0  # how long close() keeps draining before it drops
+
+    def __post_init__(self):
+        if self.queue_bytes <= 0 or self.batch_bytes <= 0:
+            raise ValueError(f"writer: queue_bytes and batch_bytes must be positive, got "
+                             f"{self.queue_bytes} and {self.batch_bytes}")
+        if self.close_timeout_s < 0:
+            raise ValueError(f"writer: close_timeout_s must be >= 0, got {self.close_timeout_s}")
 
 
 class BackgroundWriter:
     def __init__(
         self,
         apply_batch: Callable[[list[Any]], None],
-        max_queued_bytes: int,
-        max_batch_bytes: int,
+        on_error: Callable[[list[Any], BaseException], None],
+        limits: WriterLimits = WriterLimits(),
         name: str = "kvtier-writer",
     ):
-        if max_queued_bytes <= 0 or max_batch_bytes <= 0:
-            raise ValueError("background writer: queue and batch limits must be positive")
         self._apply = apply_batch
-        self._max_queued = max_queued_bytes
-        self._max_batch = max_batch_bytes
+        self.limits = limits
+        self._on_error = on_error  # told about a batch whose apply raised: counts and logs it
         self._cond = threading.Condition()
         self._items: deque[tuple[Any, int]] = deque()
         self._queued_bytes = 0
         self._busy = False  # a batch has been taken and is being applied
         self._closed = False
-        self.failures = 0  # batches whose apply raised (the tier counts details itself)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    def room(self) -> int:
+        """Bytes a submit() would accept now (0 once closed)."""
+        with self._cond:
+            return 0 if self._closed else max(0, self.limits.queue_bytes - self._queued_bytes)
 
     def submit(self, item: Any, nbytes: int) -> bool:
         """Queue one item; False (and nothing queued) when full or closed."""
@@ -44,44 +66,47 @@ class BackgroundWriter:
             if self._closed:
                 return False
             # An item bigger than the whole queue is still accepted into an empty queue,
-            # so one oversized put is written rather than always dropped.
-            if self._items and self._queued_bytes + nbytes > self._max_queued:
+            # so one oversized write is done rather than always dropped.
+            if self._items and self._queued_bytes + nbytes > self.limits.queue_bytes:
                 return False
             self._items.append((item, nbytes))
             self._queued_bytes += nbytes
             self._cond.notify_all()
             return True
 
-    def pending(self) -> int:
+    def queued_bytes(self) -> int:
         with self._cond:
-            return len(self._items) + (1 if self._busy else 0)
+            return self._queued_bytes
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far has been applied; False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._items or self._busy:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            return True
+            return self._cond.wait_for(lambda: not self._items and not self._busy, timeout)
 
-    def close(self, timeout: float | None = 10.0) -> None:
-        """Apply what is queued, then stop the thread."""
+    def close(self, timeout: float | None = None) -> list[Any]:
+        """Refuse new items, drain for up to `timeout` seconds (default: the limits'), then
+        drop what is left; returns the dropped items. A batch being applied at the deadline
+        is left to finish on the daemon thread."""
+        timeout = self.limits.close_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+            self._cond.wait_for(lambda: not self._items, max(0.0, deadline - time.monotonic()))
+            dropped = [item for item, _ in self._items]
+            self._items.clear()
+            self._queued_bytes = 0
+            self._cond.notify_all()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        return dropped
 
     def _take_batch(self) -> list[Any] | None:
         with self._cond:
-            while not self._items and not self._closed:
-                self._cond.wait()
+            self._cond.wait_for(lambda: self._items or self._closed)
             if not self._items:
                 return None  # closed and drained
             batch, size = [], 0
-            while self._items and (not batch or size + self._items[0][1] <= self._max_batch):
+            while self._items and (not batch or size + self._items[0][1] <= self.limits.batch_bytes):
                 item, nbytes = self._items.popleft()
                 batch.append(item)
                 size += nbytes
@@ -96,8 +121,8 @@ class BackgroundWriter:
                 return
             try:
                 self._apply(batch)
-            except Exception:  # the thread must outlive any store fault
-                self.failures += 1
+            except Exception as e:  # the thread must outlive any store fault or tier bug
+                self._on_error(batch, e)
             finally:
                 with self._cond:
                     self._busy = False

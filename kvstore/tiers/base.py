@@ -8,17 +8,31 @@ a slab; byte tiers (disk, Redis, gRPC) encode them into a self-describing value
 
 Failure contract: a tier never raises for a store fault (down server, corrupt value, full
 disk). get() reports False for a block it cannot serve correctly, put() drops what it cannot
-write; both count the fault in stats. Exceptions are only for programming errors.
+write; both count the fault in stats (and in `stats().faults` by kind, logged once per kind
+through `_fault`). Exceptions are only for programming errors.
+
+Writes are synchronous: put() returns once the blocks are stored (or dropped). Keeping a
+slow tier off the engine loop is the hierarchy's job (one writer per slow tier, see
+kvstore/hierarchy.py), so a tier never stacks a queue of its own behind that one. What a
+hierarchy needs to know about a tier is declared here, not guessed from its class:
+`writes_inline`, `supports_evict_hook` / `set_evict_hook`, `write_queue_bytes`, `flush`.
 """
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 
 import torch
 
+from kvtier.kvstore.faults import FaultLog
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.stats import StatsRecorder, TierStats
+
+log = logging.getLogger("kvtier.kvstore.tiers")
+
+#: called with the keys and private copies of blocks a tier evicts (write-back spills)
+EvictHook = Callable[[list[BlockKey], list[torch.Tensor]], None]
 
 
 class Tier(abc.ABC):
@@ -26,12 +40,24 @@ class Tier(abc.ABC):
     name: str = "tier"
     #: read bandwidth (bytes/s) assumed until reads have been measured; subclasses set theirs
     nominal_read_bandwidth: float = 1e9
+    #: calls may wait on another process or a network (a frozen server, a slow link), so a
+    #: connector asks it off the engine loop; local tiers (memory, a local disk) answer inline
+    remote: bool = True
+    #: put() is a memory copy, cheap enough to run on the caller's thread; a hierarchy
+    #: writes every other tier through a background writer
+    writes_inline: bool = False
+    #: set_evict_hook() works: the tier hands what it evicts to a callback (write-back)
+    supports_evict_hook: bool = False
+    #: bound (bytes) for the queue a hierarchy's writer keeps for this tier, e.g. from the
+    #: spec option `queue=`; None: the hierarchy's default
+    write_queue_bytes: int | None = None
 
     def __init__(self, capacity_bytes: int):
         if capacity_bytes <= 0:
             raise ValueError(f"{self.name}: capacity must be positive, got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes
         self._stats = StatsRecorder()
+        self._faults = FaultLog(log)
 
     @abc.abstractmethod
     def lookup_prefix(self, keys: Sequence[BlockKey]) -> int:
@@ -54,10 +80,31 @@ class Tier(abc.ABC):
         return [self.lookup_prefix([k]) == 1 for k in keys]
 
     def stats(self) -> TierStats:
-        return self._stats.snapshot()
+        s = self._stats.snapshot()
+        s.faults = self._faults.counts()
+        return s
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every put() so far is durable in the store; False on timeout. Writes
+        are synchronous, so the default has nothing to wait for."""
+        return True
+
+    def missed_deadline(self) -> None:
+        """A caller gave up waiting for this tier's answer (the call may still be stuck):
+        count it as a failure now, e.g. on a circuit breaker, rather than when it ends."""
+
+    def set_evict_hook(self, hook: EvictHook | None) -> None:
+        """Hand what this tier evicts to `hook` (None: stop). Only for tiers that declare
+        `supports_evict_hook`."""
+        raise TypeError(f"{self.name} tier: does not report evictions (supports_evict_hook is False)")
 
     def close(self) -> None:
         """Release connections, threads and files; the tier is unusable afterwards."""
+
+    def _fault(self, where: str, error: BaseException | str, **counts) -> None:
+        """Count a caught fault (errors += 1 plus `counts`) and log it, rate-limited per kind."""
+        self._faults.record(f"{self.name}.{where}", error)
+        self._stats.add(errors=1, **counts)
 
     def read_bandwidth(self) -> float:
         """Bytes/s observed by get() (latency included), for the load-or-recompute decision;

@@ -2,7 +2,8 @@
 
 Subclasses implement four raw batch operations on `bytes` keys; this class encodes blocks
 with the tier's codec, verifies every value it reads (a corrupt value is a miss, is deleted
-and is counted), and keeps the stats. Store faults never escape as exceptions.
+and is counted), and keeps the stats. Store faults never escape as exceptions: each is
+counted and logged, rate-limited per kind (Tier._fault).
 """
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ class ByteStoreTier(Tier):
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
         try:
             return self._exists([k.to_bytes() for k in keys])
-        except StoreUnavailable:
-            self._stats.add(errors=1)
+        except StoreUnavailable as e:
+            self._fault("contains", e)
             return [False] * len(keys)
 
     def lookup_prefix(self, keys: Sequence[BlockKey]) -> int:
@@ -75,8 +76,8 @@ class ByteStoreTier(Tier):
         raw_keys = [k.to_bytes() for k in keys]
         try:
             ok, corrupt, nbytes = self._read_into(raw_keys, keys, into)
-        except StoreUnavailable:
-            self._stats.add(errors=1, misses=len(keys))
+        except StoreUnavailable as e:
+            self._fault("get", e, misses=len(keys))
             return [False] * len(keys)
         if corrupt:
             self._drop([raw_keys[i] for i in corrupt])
@@ -105,8 +106,8 @@ class ByteStoreTier(Tier):
 
         try:
             self._write_parts([k.to_bytes() for k in keys], encoded())
-        except StoreUnavailable:
-            self._stats.add(errors=1, skipped_writes=len(keys))
+        except StoreUnavailable as e:
+            self._fault("put", e, skipped_writes=len(keys))
             return
         self._stats.add(puts=len(keys), bytes_written=nbytes, write_seconds=time.perf_counter() - start)
 
@@ -116,8 +117,8 @@ class ByteStoreTier(Tier):
     def _drop(self, raw_keys: list[bytes]) -> None:
         try:
             self._remove(raw_keys)
-        except StoreUnavailable:
-            self._stats.add(errors=1)
+        except StoreUnavailable as e:
+            self._fault("delete", e)
 
 
 def decode_values(values: Sequence, keys: Sequence[BlockKey], into: Sequence[torch.Tensor]

@@ -5,27 +5,29 @@ contiguous copy per block and the slab never fragments. The slab is allocated on
 (pinned when CUDA is present, so host<->device copies can be asynchronous DMA) and its size
 is the byte budget rounded down to whole slots: the capacity can never be exceeded.
 
-Eviction hands the evicted blocks to an optional `on_evict(keys, blocks)` hook (copies,
-taken before the slot is reused) so a write-back hierarchy can push them to the next tier.
+Eviction hands the evicted blocks to an optional hook (`set_evict_hook`, or `on_evict` at
+construction; copies, taken before the slot is reused) so a write-back hierarchy can push
+them to the next tier. A put is a memcpy, so the hierarchy runs it inline (`writes_inline`).
 """
 from __future__ import annotations
 
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from kvtier.kvstore.keys import BlockKey
-from kvtier.kvstore.tiers.base import Tier
+from kvtier.kvstore.tiers.base import EvictHook, Tier
 from kvtier.kvstore.tiers.spec import BlockLayout, TierSpec
-
-EvictHook = Callable[[list[BlockKey], list[torch.Tensor]], None]
 
 
 class CpuTier(Tier):
     name = "cpu"
+    remote = False
+    writes_inline = True  # a put is a memcpy into the slab
+    supports_evict_hook = True
 
     def __init__(
         self,
@@ -65,6 +67,9 @@ class CpuTier(Tier):
             raise ValueError(f"tier spec {spec.text!r}: the cpu tier needs a size, e.g. cpu:4GiB")
         pin = spec.bool_option("pin", torch.cuda.is_available())
         return cls(spec.size, layout, pin_memory=pin, what=f"tier spec {spec.text!r}")
+
+    def set_evict_hook(self, hook: EvictHook | None) -> None:
+        self.on_evict = hook
 
     # --- lookups: no side effects (no LRU change) ----------------------------------------
     def lookup_prefix(self, keys: Sequence[BlockKey]) -> int:

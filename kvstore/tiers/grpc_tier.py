@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 import logging
-import ssl
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +37,7 @@ from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.service.bulk_client import BulkClient
 from kvtier.kvstore.service.protocol import BULK_TRANSFER_OPTIONS
 from kvtier.kvstore.service.rendezvous import Rendezvous
+from kvtier.kvstore.service.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,9 @@ class GrpcTier(ByteStoreTier):
                 address, channel, metadata=tuple(metadata) or None, timeout_s=timeout_s,
                 max_message_bytes=max_message_bytes, breaker=CircuitBreaker(failure_threshold, cooldown_s),
                 bulk=bulk_client if bulk else None))
+        # Calls in progress per server: the ones a caller gave up waiting on are among them.
+        self._in_flight = [0] * len(self._servers)
+        self._in_flight_lock = threading.Lock()
         # One thread per server: a batch touching every server waits for the slowest only.
         self._pool = ThreadPoolExecutor(len(servers), "kvtier-grpc") if len(servers) > 1 else None
 
@@ -171,6 +175,8 @@ class GrpcTier(ByteStoreTier):
             server = self._servers[node]
             if not server.breaker.allow():
                 return _FAILED
+            with self._in_flight_lock:
+                self._in_flight[node] += 1
             try:
                 result = call(server, positions)
             except (grpc.RpcError, OSError) as e:  # OSError: the bulk stream (a BulkError or the socket's)
@@ -180,6 +186,9 @@ class GrpcTier(ByteStoreTier):
                     log.warning("grpc tier: %s failed (%s); its keys are misses until it answers",
                                 server.address, _describe(e))
                 return _FAILED
+            finally:
+                with self._in_flight_lock:
+                    self._in_flight[node] -= 1
             server.breaker.record_success()
             if server.down:
                 server.down = False
@@ -197,6 +206,14 @@ class GrpcTier(ByteStoreTier):
         if failed:
             self._stats.add(errors=failed)
         return [(positions, r) for (_, positions), r in zip(groups, results)]
+
+    def missed_deadline(self) -> None:
+        """A caller stopped waiting for this tier (a lookup past its budget): each server with
+        a call still in progress counts a breaker failure now, not after `timeout`."""
+        with self._in_flight_lock:
+            busy = [s for s, n in zip(self._servers, self._in_flight) if n > 0]
+        for server in busy:
+            server.breaker.record_failure()
 
     def _scatter(self, keys: list[bytes], call, default) -> list:
         out = [default] * len(keys)
@@ -290,10 +307,7 @@ def _tls(ca_cert: bytes | None, client_cert: str | None, client_key: str | None)
             raise ValueError(f"grpc tier: cannot read the client certificate or key: {e.strerror or e}")
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_cert, private_key=key_pem,
                                                certificate_chain=cert_pem)
-    context = ssl.create_default_context(cadata=ca_cert.decode() if ca_cert else None)
-    if client_cert:
-        context.load_cert_chain(client_cert, client_key)
-    return credentials, context
+    return credentials, client_context(ca_cert, client_cert, client_key)
 
 
 def _describe(error: BaseException) -> str:

@@ -14,39 +14,58 @@
   feeds the circuit breaker; while it is open calls return at once. When Redis comes back
   the half-open probe succeeds and the tier simply works again.
 - put() writes synchronously, straight from the blocks' memory (no joined copy of header
-  and payload): under the tier hierarchy it already runs on that tier's writer thread, so
-  the engine never waits on a socket. async=1 adds the tier's own background writer for
-  callers that put() from a latency-sensitive thread (it snapshots the blocks first).
+  and payload): under the tier hierarchy it runs on this tier's writer thread, so the
+  engine never waits on a socket; `queue=` bounds that writer's queue in bytes. (The
+  former `async=1`, a second queue inside the tier, is gone: one writer per tier.)
+- redis-py 5.0 to 8.x (pyproject; tried with 5.0.0, 5.0.8 and 8.1). The zero-copy writer
+  uses two of its internals: the pooled connection's socket (`Connection._sock`) and
+  `get_connection`'s signature (a command name required before 5.3, deprecated after).
+  Without the socket, or if the pool refuses the call, writes take redis-py's public
+  pipeline instead (logged once).
 """
 from __future__ import annotations
 
+import inspect
 import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import redis
-import torch
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
-from kvtier.kvstore.tiers.background_writer import BackgroundWriter
-from kvtier.kvstore.tiers.byte_store import ByteStoreTier, StoreUnavailable
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
-from kvtier.kvstore.format.codec import encode_block
-from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.socket_io import BatchedSender
+from kvtier.kvstore.tiers.byte_store import ByteStoreTier, StoreUnavailable
 
 DEFAULT_CAPACITY = 64 << 30  # informational: Redis's own maxmemory policy evicts
-DEFAULT_QUEUE_BYTES = 256 << 20
-_BATCH_BYTES = 64 << 20  # one write pipeline
 # The zero-copy writer sends on redis-py's connection socket, a private attribute
 # (`Connection._sock`) that redis-py 5-8 all have; a release without it gets the plain
 # pipeline (`_write`) instead of an AttributeError.
 RAW_SOCKET_WRITES = hasattr(redis.connection.Connection(), "_sock")
+
+
+def _command_name_required() -> bool:
+    """redis-py < 5.3 requires get_connection(command_name); 5.3+ makes it optional and
+    warns when it is passed. Asked once, of the signature, so both get what they accept."""
+    try:
+        param = inspect.signature(redis.ConnectionPool.get_connection).parameters.get("command_name")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+_GET_CONNECTION_ARGS = ("SET",) if _command_name_required() else ()
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 _OPTIONS = ("codec", "ttl", "prefix", "timeout", "connect_timeout", "breaker_failures", "breaker_cooldown",
-            "async", "queue") + _TLS_OPTIONS
+            "queue") + _TLS_OPTIONS
+
+
+class _RawWriterUnsupported(Exception):
+    """The installed redis-py does not offer what the raw writer needs (nothing was sent)."""
+
+
+_MISSING = object()
 
 
 def _send_sets(client: redis.Redis, keys: list[bytes], parts: Iterable[tuple[bytes, memoryview]], ttl) -> None:
@@ -56,10 +75,15 @@ def _send_sets(client: redis.Redis, keys: list[bytes], parts: Iterable[tuple[byt
     expiry = b"" if ttl is None else b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ttl)), ttl)
     nargs = 3 if ttl is None else 5
     pool = client.connection_pool
-    conn = pool.get_connection()
+    try:
+        conn = pool.get_connection(*_GET_CONNECTION_ARGS)
+    except TypeError as e:  # a signature this module does not know
+        raise _RawWriterUnsupported("redis-py's get_connection() refused the call") from e
     pending = b""
     sent = 0
     try:
+        if getattr(conn, "_sock", _MISSING) is _MISSING:
+            raise _RawWriterUnsupported("redis-py's connection has no _sock")
         if conn._sock is None:  # redis-py connects lazily; its socket carries the pipeline
             conn.connect()
         sock = conn._sock
@@ -99,8 +123,7 @@ class RedisTier(ByteStoreTier):
         connect_timeout: float | None = None,
         breaker_failures: int = 3,
         breaker_cooldown: float = 5.0,
-        async_writes: bool = False,
-        max_queued_bytes: int = DEFAULT_QUEUE_BYTES,
+        write_queue_bytes: int | None = None,
         client_options: dict | None = None,
     ):
         super().__init__(capacity_bytes, codec)
@@ -111,6 +134,8 @@ class RedisTier(ByteStoreTier):
             raise ValueError("redis tier: timeouts must be positive")
         if ttl is not None and ttl < 0:
             raise ValueError(f"redis tier: ttl must be >= 0 seconds, got {ttl}")
+        if write_queue_bytes is not None and write_queue_bytes <= 0:
+            raise ValueError(f"redis tier: queue must be positive, got {write_queue_bytes}")
         self.cluster = scheme == "redis+cluster"
         self.url = "redis://" + url.split("://", 1)[1] if self.cluster else url
         self.ttl = ttl or None  # 0 means no expiry
@@ -121,15 +146,15 @@ class RedisTier(ByteStoreTier):
         self._client = None
         self._client_lock = threading.Lock()
         self.breaker = CircuitBreaker(breaker_failures, breaker_cooldown)
+        self.write_queue_bytes = write_queue_bytes
+        self._raw_writes = RAW_SOCKET_WRITES
         self._closed = False
-        self._writer = (
-            BackgroundWriter(self._apply_batch, max_queued_bytes, _BATCH_BYTES, name="kvtier-redis-writer")
-            if async_writes
-            else None
-        )
 
     @classmethod
     def from_spec(cls, spec, layout=None) -> "RedisTier":
+        if "async" in spec.options:
+            raise ValueError(f"tier spec {spec.text!r}: option async was removed: the tier hierarchy "
+                             "writes every redis tier on its own writer thread (bound it with queue=SIZE)")
         spec.check_options(_OPTIONS)
         return cls(
             spec.target,
@@ -141,8 +166,7 @@ class RedisTier(ByteStoreTier):
             connect_timeout=spec.seconds_option("connect_timeout", None),
             breaker_failures=spec.int_option("breaker_failures", 3, minimum=1),
             breaker_cooldown=spec.seconds_option("breaker_cooldown", 5.0, allow_zero=True),
-            async_writes=spec.bool_option("async", False),
-            max_queued_bytes=spec.size_option("queue", DEFAULT_QUEUE_BYTES),
+            write_queue_bytes=spec.size_option("queue"),
             client_options={k: spec.options[k] for k in _TLS_OPTIONS if k in spec.options},
         )
 
@@ -174,6 +198,11 @@ class RedisTier(ByteStoreTier):
             raise StoreUnavailable(str(e)) from e
         self.breaker.record_success()
         return result
+
+    def missed_deadline(self) -> None:
+        """A caller stopped waiting for a call to this store (a lookup past its budget): count
+        the failure on the breaker now, not only when the socket timeout ends the call."""
+        self.breaker.record_failure()
 
     def _rkey(self, key: bytes) -> bytes:
         return self.prefix + key.hex().encode()
@@ -217,51 +246,26 @@ class RedisTier(ByteStoreTier):
         """Pipelined SETs written straight from the blocks' memory (single node): redis-py
         takes one buffer per value, so its own path (`_write`, the reference) must join
         header and payload first, a copy as costly as the send itself."""
-        if self.cluster or not keys or not RAW_SOCKET_WRITES:
+        if self.cluster or not keys or not (self._raw_writes and RAW_SOCKET_WRITES):
             return super()._write_parts(keys, parts)
         # `parts` is consumed lazily: each block is checksummed and sent while it is still
         # in the CPU cache, so its bytes come from memory once, as for a raw client.
-        self._call(lambda client: _send_sets(client, [self._rkey(k) for k in keys], parts, self.ttl))
+        try:
+            self._call(lambda client: _send_sets(client, [self._rkey(k) for k in keys], parts, self.ttl))
+        except _RawWriterUnsupported as e:
+            # This redis-py's internals differ from what the raw writer expects (nothing was
+            # sent, `parts` is untouched): use the public pipeline from now on.
+            self._raw_writes = False
+            self._faults.record("redis.raw_writer", e.__cause__ or e)
+            super()._write_parts(keys, parts)
 
     # --- the Tier interface -----------------------------------------------------------
-    def put(self, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor]) -> None:
-        if self._writer is None:
-            return super().put(keys, blocks)
-        if not keys:
-            return
-        if self.breaker.state == "open":  # don't spend encoding and queue space on a dead store
-            self._stats.add(skipped_writes=len(keys))
-            return
-        values = [encode_block(k, b, self.codec) for k, b in zip(keys, blocks)]
-        item = ([k.to_bytes() for k in keys], values)
-        if self._closed or not self._writer.submit(item, sum(len(v) for v in values)):
-            self._stats.add(skipped_writes=len(keys))
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every put() so far is written (or dropped); False on timeout."""
-        return True if self._writer is None else self._writer.flush(timeout)
-
     def close(self) -> None:
         if self._closed:
             return
-        if self._writer is not None:
-            self._writer.close()
         self._closed = True
         if self._client is not None:
             try:
                 self._client.close()
-            except Exception:  # closing a client to a dead server must not raise
-                pass
-
-    def _apply_batch(self, items: list[tuple[list[bytes], list[bytes]]]) -> None:
-        start = time.perf_counter()
-        keys = [k for ks, _ in items for k in ks]
-        values = [v for _, vs in items for v in vs]
-        try:
-            self._write(keys, values)
-        except StoreUnavailable:
-            self._stats.add(errors=1, skipped_writes=len(keys))
-            return
-        self._stats.add(
-            puts=len(keys), bytes_written=sum(len(v) for v in values), write_seconds=time.perf_counter() - start
-        )
+            except Exception as e:  # closing a client to a dead server must not raise
+                self._fault("close", e)

@@ -58,3 +58,25 @@ class DictConnector(KVConnector):
         out = ConnectorOutput(finished_loads=self.finished)
         self.finished = {}
         return out
+
+
+class SlowLookupConnector(DictConnector):
+    """A DictConnector whose lookups for the requests in config["slow"] answer "not known
+    yet" (None) the first config["defer"] times, as a connector waiting on a slow remote
+    store would (the lookup contract in kvtier/connectors/base.py)."""
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.slow = set(self.config.get("slow", ()))
+        self.defer = int(self.config.get("defer", 2))
+        self.asked: dict[str, int] = {}
+        self.answers: list[tuple[str, int | None]] = []  # (request id, answer) in order
+
+    def lookup(self, request, num_device_tokens):
+        n = self.asked[request.request_id] = self.asked.get(request.request_id, 0) + 1
+        if request.request_id in self.slow and n <= self.defer:
+            answer = None
+        else:
+            answer = super().lookup(request, num_device_tokens)
+        self.answers.append((request.request_id, answer))
+        return answer

@@ -1,2 +1,4 @@
-"""The `kvtier kv-server` process: gRPC handlers (servicer), the block store, token auth
-and namespaces, the health service, the bulk-stream listener, and its CLI (main)."""
+"""The `kvtier kv-server` process: gRPC handlers (servicer), the block store (memory LRU over
+optional LMDB persistence), token auth and namespaces (auth), the health service, the
+bulk-stream listener (bulk) with its connection admission, tickets and per-tenant limits
+(admission, tickets, limits), glibc allocator settings (memory), and its CLI (main)."""

@@ -115,6 +115,12 @@ class NamespaceResolver:
         }
         self._tags: dict[str, bytes] = {}
 
+    def tenant(self, context: grpc.ServicerContext, tag: bytes) -> bytes:
+        """Whom the call's bulk-stream resources count against (limits.py): its token when
+        the server checks tokens, else its namespace (callers choose those freely)."""
+        token = bearer_token(context.invocation_metadata()) if self._grants else None
+        return b"token:" + _digest(token) if token is not None else b"namespace:" + tag
+
     def tag(self, context: grpc.ServicerContext) -> bytes:
         metadata = context.invocation_metadata()
         requested = None

@@ -5,12 +5,12 @@ then keeps (recv_into, no intermediate copies), verifying it with the same check
 gRPC Put, and handing verified blocks to the store in batches; a GET's values go out by
 scatter-gather sendmsg straight from the stored buffers. Connections come in through
 tickets that OpenBulk issued after authenticating the gRPC call, so this file knows nothing
-about tokens: a ticket stands for one namespace, once.
+about tokens: a ticket stands for one namespace and one tenant, once. Who may connect, and
+for how long before the ticket arrives, is admission.py; per-tenant limits are limits.py.
 """
 from __future__ import annotations
 
 import logging
-import secrets
 import socket
 import ssl
 import threading
@@ -36,6 +36,9 @@ from kvtier.kvstore.service.bulk_protocol import (
     VALUE_LENGTH,
     encode_reply,
 )
+from kvtier.kvstore.service.server.admission import ConnectionTable
+from kvtier.kvstore.service.server.limits import BulkLimits, TenantQuota
+from kvtier.kvstore.service.server.tickets import BulkTickets
 from kvtier.kvstore.service.server.store import (
     MAX_KEY_BYTES,
     BlockStore,
@@ -51,38 +54,6 @@ from kvtier.kvstore.socket_io import (
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 600.0  # a pooled client connection unused this long is closed
-HANDSHAKE_TIMEOUT_S = 10.0
-MAX_CONNECTIONS = 256
-
-
-class BulkTickets:
-    """One-time tickets: OpenBulk issues one per connection; the connection redeems it."""
-
-    def __init__(self, ttl_s: float = 30.0, limit: int = 10_000):
-        self.ttl_s = ttl_s
-        self._limit = limit
-        self._lock = threading.Lock()
-        self._open: dict[bytes, tuple[bytes, float]] = {}  # ticket -> (namespace tag, expiry)
-
-    def issue(self, tag: bytes) -> bytes | None:
-        """A new ticket for namespace `tag`, or None when too many are outstanding."""
-        now = time.monotonic()
-        with self._lock:
-            if len(self._open) >= self._limit:
-                self._open = {t: v for t, v in self._open.items() if v[1] > now}
-                if len(self._open) >= self._limit:
-                    return None
-            ticket = secrets.token_bytes(32)
-            self._open[ticket] = (tag, now + self.ttl_s)
-        return ticket
-
-    def redeem(self, ticket: bytes) -> bytes | None:
-        """The ticket's namespace tag, once; None for an unknown, used or expired ticket."""
-        with self._lock:
-            entry = self._open.pop(ticket, None)
-        if entry is None or entry[1] < time.monotonic():
-            return None
-        return entry[0]
 
 
 class _FatalFrame(Exception):
@@ -95,15 +66,16 @@ class _FatalFrame(Exception):
 
 class BulkListener:
     def __init__(self, host: str, port: int, store: BlockStore, *, advertised_host: str = "",
-                 ssl_context: ssl.SSLContext | None = None, tickets: BulkTickets | None = None):
+                 ssl_context: ssl.SSLContext | None = None, limits: BulkLimits | None = None,
+                 tickets: BulkTickets | None = None):
         self._store, self._ssl = store, ssl_context
-        self.tickets = tickets or BulkTickets()
+        self.limits = limits = limits or BulkLimits()
+        self.tickets = tickets or BulkTickets(limits.ticket_ttl_s, limits.max_tickets, limits.max_tickets_per_tenant)
+        self.inflight = TenantQuota(limits.max_inflight_bytes_per_tenant, limits.max_inflight_bytes)
         self.advertised_host = advertised_host  # empty: clients use the host they reached gRPC on
         self._sock = socket.create_server((host, port), backlog=64)
         self.port = self._sock.getsockname()[1]
-        self._lock = threading.Lock()
-        self._connections: dict[socket.socket, bool] = {}  # -> busy (inside a batch)
-        self._closing = False
+        self.table = ConnectionTable(limits)
         self._accepter = threading.Thread(target=self._accept_loop, name="kvtier-bulk-accept", daemon=True)
 
     @property
@@ -116,90 +88,104 @@ class BulkListener:
     def stop(self, grace: float) -> None:
         """Stop accepting; close idle connections now and busy ones once their batch is
         answered, or after `grace` seconds."""
-        with self._lock:
-            self._closing = True
+        self.table.close()
         self._sock.close()
         deadline = time.monotonic() + grace
         while True:
-            with self._lock:
-                idle = [c for c, busy in self._connections.items() if not busy]
-                left = len(self._connections)
+            idle, every = self.table.snapshot()
             for conn in idle:
                 _shutdown(conn)
-            if not left or time.monotonic() >= deadline:
+            if not every or time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
-        with self._lock:
-            for conn in self._connections:
-                _shutdown(conn)
+        for conn in self.table.snapshot()[1]:
+            _shutdown(conn)
 
     def _accept_loop(self) -> None:
+        # accept() wakes at least this often to end handshakes past their deadline
+        self._sock.settimeout(min(0.25, self.limits.handshake_timeout_s / 4))
         while True:
             try:
-                conn, _ = self._sock.accept()
+                conn, peer = self._sock.accept()
+            except TimeoutError:
+                conn = None
             except OSError:
                 return  # the listening socket was closed: stop()
-            with self._lock:
-                if self._closing or len(self._connections) >= MAX_CONNECTIONS:
-                    conn.close()
-                    continue
-                self._connections[conn] = False
+            for late in self.table.expired():
+                _shutdown(late)
+            if conn is None:
+                continue
+            drop = self.table.admit(conn, peer[0])
+            for victim in drop:
+                _shutdown(victim)  # its thread sees the close and cleans up
+            if conn in drop:
+                conn.close()
+                continue
             threading.Thread(target=self._serve, args=(conn,), name="kvtier-bulk", daemon=True).start()
-
-    def _set_busy(self, conn: socket.socket, busy: bool) -> bool:
-        """Mark the connection; False when the server is closing and it is idle now."""
-        with self._lock:
-            self._connections[conn] = busy
-            return busy or not self._closing
 
     def _serve(self, conn: socket.socket) -> None:
         sock = conn
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(HANDSHAKE_TIMEOUT_S)
+            # bounds each recv; the table's deadline (enforced by the accept loop) bounds the whole
+            conn.settimeout(self.limits.handshake_timeout_s)
             if self._ssl is not None:
                 sock = self._ssl.wrap_socket(conn, server_side=True)
-            tag = self._handshake(sock)
-            if tag is not None:
+            grant = self._handshake(conn, sock)
+            if grant is not None:
                 set_kernel_timeouts(sock, IDLE_TIMEOUT_S)
-                _BulkSession(self, conn, sock, tag).run()
+                _BulkSession(self, conn, sock, *grant).run()
         except (OSError, StoreUnavailable):  # ssl.SSLError is an OSError
             pass  # the client went away, or the disk failed a GET: the client sees the close
         finally:
-            with self._lock:
-                self._connections.pop(conn, None)
+            self.table.remove(conn)
             sock.close()
 
-    def _handshake(self, sock) -> bytes | None:
+    def _handshake(self, conn: socket.socket, sock) -> tuple[bytes, bytes] | None:
+        """(namespace tag, tenant) of a connection that redeemed a ticket and fits its
+        tenant's share; None after a refusal."""
         hello = bytearray(HELLO_BYTES)
         recv_exact_into(sock, memoryview(hello))
-        tag = self.tickets.redeem(bytes(hello[len(MAGIC):])) if hello.startswith(MAGIC) else None
-        if tag is None:
+        grant = self.tickets.redeem(bytes(hello[len(MAGIC):])) if hello.startswith(MAGIC) else None
+        if grant is None:
             sock.sendall(encode_reply(UNAUTHENTICATED, message="unknown, used or expired bulk ticket"))
             return None
+        refused = self.table.authenticated(conn, grant[1])
+        if refused is not None:
+            sock.sendall(encode_reply(RESOURCE_EXHAUSTED, message=refused))
+            return None
         sock.sendall(encode_reply(OK))
-        return tag
+        return grant
 
 
 class _BulkSession:
     """The frames of one authenticated connection."""
 
-    def __init__(self, listener: BulkListener, conn: socket.socket, sock, tag: bytes):
+    def __init__(self, listener: BulkListener, conn: socket.socket, sock, tag: bytes, tenant: bytes):
         self._listener, self._conn, self._sock, self._tag = listener, conn, sock, tag
+        self._tenant, self._inflight = tenant, listener.inflight
+        self._held = 0  # in-flight bytes reserved: values received or being received, not yet stored
         self._store = listener._store
         self._batch = PutBatch(self._store)
         self._rejected = 0
         self._problem: tuple[int, str] | None = None  # the first rejection since the last SYNC
 
     def run(self) -> None:
+        try:
+            self._frames()
+        finally:
+            self._inflight.release(self._tenant, self._held)
+
+    def _frames(self) -> None:
         head = memoryview(bytearray(FRAME.size))
+        table = self._listener.table
         while True:
             recv_exact_into(self._sock, head)
             op, key_len, value_len = FRAME.unpack(head)
             try:
                 if op not in (OP_PUT, OP_SYNC, OP_GET):
                     raise _FatalFrame(INVALID_ARGUMENT, f"unknown frame op {op}")
-                self._listener._set_busy(self._conn, True)
+                table.set_busy(self._conn, True)
                 if op == OP_PUT:
                     self._receive_block(key_len, value_len)
                     continue  # still inside the batch: busy until its SYNC
@@ -207,7 +193,7 @@ class _BulkSession:
                     self._sync()
                 else:
                     self._answer_get(value_len)
-                if not self._listener._set_busy(self._conn, False):
+                if not table.set_busy(self._conn, False):
                     return  # the server is closing and this connection's work is answered
             except _FatalFrame as e:
                 self._flush()  # blocks that arrived whole and verified are kept
@@ -224,6 +210,7 @@ class _BulkSession:
                               f"block {index}: {value_len} bytes exceed the store's capacity of {capacity}")
         if value_len < HEADER_BYTES:
             raise _FatalFrame(INVALID_ARGUMENT, f"block {index}: {value_len} bytes is shorter than a block header")
+        self._reserve(value_len, index)
         key = bytearray(key_len)
         recv_exact_into(self._sock, memoryview(key))
         # np.empty: the buffer the store keeps, filled by the kernel with no zeroing pass first
@@ -232,12 +219,33 @@ class _BulkSession:
         key = bytes(key)
         problem = value_problem(key, value)
         if problem is not None:
+            self._release(value_len)
             self._reject(INVALID_ARGUMENT, f"block {index}: {problem}")
             return
         try:
             self._batch.add(self._tag + key, value)
         except StoreUnavailable as e:
             raise _FatalFrame(UNAVAILABLE, f"persistent store failed: {e}")
+        if not self._batch.pending:  # add() flushed: the store holds (and counts) those bytes now
+            self._release(self._held)
+
+    def _reserve(self, n: int, index: int) -> None:
+        """Count a value against its tenant's in-flight bytes before its buffer exists: one
+        tenant's slow or huge puts cannot take the memory another's need."""
+        if self._inflight.acquire(self._tenant, n):
+            self._held += n
+            return
+        self._flush()  # this connection's own queued blocks count too: store them first
+        if not self._inflight.acquire(self._tenant, n):
+            limits = self._listener.limits
+            raise _FatalFrame(RESOURCE_EXHAUSTED, f"block {index}: {n} more bytes in flight exceed this "
+                              f"tenant's limit of {limits.max_inflight_bytes_per_tenant} or the server's of "
+                              f"{limits.max_inflight_bytes}")
+        self._held += n
+
+    def _release(self, n: int) -> None:
+        self._inflight.release(self._tenant, n)
+        self._held -= n
 
     def _answer_get(self, count: int) -> None:
         if count > MAX_GET_KEYS:
@@ -271,6 +279,8 @@ class _BulkSession:
             self._batch.flush()
         except StoreUnavailable as e:
             self._reject(UNAVAILABLE, f"persistent store failed: {e}")
+        finally:
+            self._release(self._held)  # stored or dropped: no longer in flight
 
     def _sync(self) -> None:
         self._flush()

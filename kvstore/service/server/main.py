@@ -21,7 +21,9 @@ import grpc
 
 from kvtier.sizes import parse_size, size_arg
 from kvtier.kvstore.service.server.bulk import BulkListener
+from kvtier.kvstore.service.server.limits import BulkLimits
 from kvtier.kvstore.service.protocol import BULK_TRANSFER_OPTIONS
+from kvtier.kvstore.service.tls import server_context
 from kvtier.kvstore.service.server.servicer import KVStoreServicer, kvstore_handler
 from kvtier.kvstore.service.server.health import HealthService
 from kvtier.kvstore.service.server.memory import keep_block_memory_for_reuse
@@ -53,6 +55,41 @@ def add_kv_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bulk-advertise-host", default="",
                    help="host clients should dial for the bulk stream (default: the host they reached gRPC on)")
     p.add_argument("--drain-seconds", type=float, default=10.0, help="how long SIGTERM waits for in-flight calls")
+    _add_limit_arguments(p)
+
+
+def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """Limits against hostile or broken clients (limits.py, admission.py); a tenant is a token."""
+    d = BulkLimits()
+    p.add_argument("--bulk-handshake-timeout", type=float, default=d.handshake_timeout_s, metavar="S",
+                   help="seconds from accept to a redeemed ticket on the bulk port, the whole handshake")
+    p.add_argument("--bulk-max-connections", type=int, default=d.max_connections, metavar="N",
+                   help="bulk connections in all, ticketed or not")
+    p.add_argument("--bulk-max-unauthenticated", type=int, default=d.max_unauthenticated, metavar="N",
+                   help="bulk connections still without a ticket (the oldest is dropped for a new one)")
+    p.add_argument("--bulk-max-unauthenticated-per-address", type=int, default=d.max_unauthenticated_per_address,
+                   metavar="N", help="the same, per client address")
+    p.add_argument("--bulk-max-connections-per-tenant", type=int, default=d.max_connections_per_tenant,
+                   metavar="N", help="ticketed bulk connections per tenant (token)")
+    p.add_argument("--bulk-max-tickets", type=int, default=d.max_tickets, metavar="N", help="unused bulk tickets in all")
+    p.add_argument("--bulk-max-tickets-per-tenant", type=int, default=d.max_tickets_per_tenant, metavar="N",
+                   help="unused bulk tickets per tenant; more OpenBulk calls are RESOURCE_EXHAUSTED")
+    p.add_argument("--bulk-max-inflight", type=size_arg, default=d.max_inflight_bytes, metavar="SIZE",
+                   help="received block bytes not yet stored, in all")
+    p.add_argument("--bulk-max-inflight-per-tenant", type=size_arg, default=d.max_inflight_bytes_per_tenant,
+                   metavar="SIZE", help="the same, per tenant")
+    p.add_argument("--max-health-watches", type=int, default=64, metavar="N",
+                   help="open grpc.health.v1 Watch streams (they hold no worker thread)")
+
+
+def _bulk_limits(args: argparse.Namespace) -> BulkLimits:
+    return BulkLimits(
+        handshake_timeout_s=args.bulk_handshake_timeout, max_connections=args.bulk_max_connections,
+        max_unauthenticated=args.bulk_max_unauthenticated,
+        max_unauthenticated_per_address=args.bulk_max_unauthenticated_per_address,
+        max_connections_per_tenant=args.bulk_max_connections_per_tenant, max_tickets=args.bulk_max_tickets,
+        max_tickets_per_tenant=args.bulk_max_tickets_per_tenant, max_inflight_bytes=args.bulk_max_inflight,
+        max_inflight_bytes_per_tenant=args.bulk_max_inflight_per_tenant)
 
 
 def add_kv_server_parser(subparsers) -> argparse.ArgumentParser:
@@ -81,9 +118,11 @@ class RunningServer:
 
 
 def _open_persist(path: str, capacity: int):
-    from kvtier.kvstore.tiers.lmdb_tier import LmdbTier  # only servers that persist need lmdb
+    # Imported here: only servers that persist need lmdb. The same store class the lmdb:
+    # tier uses, so a directory written by either is read by both.
+    from kvtier.kvstore.tiers.lmdb_store import LmdbStore
 
-    return LmdbTier(path, capacity)
+    return LmdbStore(path, capacity)
 
 
 def start_server(args: argparse.Namespace) -> RunningServer:
@@ -96,6 +135,8 @@ def start_server(args: argparse.Namespace) -> RunningServer:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
     if args.max_message_bytes < 4096:
         raise ValueError(f"--max-message-bytes must be at least 4096, got {args.max_message_bytes}")
+    limits = _bulk_limits(args)  # ValueError naming the bad limit, before anything opens
+    health = HealthService(args.max_health_watches)
     grants = load_token_file(args.auth_token_file) if args.auth_token_file else None
     namespaces = NamespaceResolver(grants, args.namespace_per_token)
     persist = _open_persist(args.persist, args.persist_capacity or args.capacity) if args.persist else None
@@ -111,11 +152,10 @@ def start_server(args: argparse.Namespace) -> RunningServer:
     interceptors = [TokenAuthInterceptor(grants)] if grants else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers), options=options,
                          interceptors=interceptors)
-    health = HealthService()
     bulk = None
     try:
         if args.bulk_listen != "off":
-            bulk = _open_bulk(args, store)
+            bulk = _open_bulk(args, store, limits)
         servicer = KVStoreServicer(store, namespaces, args.max_message_bytes, bulk)
         server.add_generic_rpc_handlers((kvstore_handler(servicer), health.generic_handler()))
         if args.tls_cert:
@@ -151,7 +191,7 @@ def _grpc_credentials(args) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(pair)
 
 
-def _open_bulk(args, store: BlockStore) -> BulkListener:
+def _open_bulk(args, store: BlockStore, limits: BulkLimits) -> BulkListener:
     """The bulk-stream listener; TLS (and client certificates) exactly as for gRPC."""
     spec = args.listen if args.bulk_listen == "auto" else args.bulk_listen
     host, _, port = spec.rpartition(":")
@@ -161,14 +201,10 @@ def _open_bulk(args, store: BlockStore) -> BulkListener:
         port = "0"
     context = None
     if args.tls_cert:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(args.tls_cert, args.tls_key)
-        if args.tls_client_ca:
-            context.verify_mode = ssl.CERT_REQUIRED
-            context.load_verify_locations(args.tls_client_ca)
+        context = server_context(args.tls_cert, args.tls_key, args.tls_client_ca)
     try:
         return BulkListener(host.strip("[]"), int(port), store, advertised_host=args.bulk_advertise_host,
-                            ssl_context=context)
+                            ssl_context=context, limits=limits)
     except OSError as e:
         raise ValueError(f"cannot listen on {spec} for the bulk stream: {e.strerror or e}")
 

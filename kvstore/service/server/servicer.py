@@ -4,7 +4,8 @@ Bad input is answered with a status and a message, never an exception that kills
 empty / oversized keys and values failing their header, checksum or key check are
 INVALID_ARGUMENT, a block larger than the whole store RESOURCE_EXHAUSTED (gRPC itself
 answers RESOURCE_EXHAUSTED for a message over the limit), a namespace the token may not use
-PERMISSION_DENIED (auth.py).
+PERMISSION_DENIED (auth.py), an OpenBulk beyond the tenant's share of unused bulk tickets
+RESOURCE_EXHAUSTED (tickets.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import grpc
 from kvtier.kvstore.tiers.byte_store import StoreUnavailable
 from kvtier.kvstore.format.codec import HEADER_BYTES
 from kvtier.kvstore.service.server.auth import NamespaceResolver
+from kvtier.kvstore.service.server.tickets import TicketsExhausted
 from kvtier.kvstore.service.server.store import MAX_KEY_BYTES, BlockStore, PutBatch, value_problem
 from kvtier.kvstore.service.protocol import SERVICE
 from kvtier.kvstore.service.wire import decode_chunks, pack, split_value
@@ -75,9 +77,10 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         bulk = self._bulk
         if bulk is None:
             return kvstore_pb2.OpenBulkResponse()  # port 0: no bulk stream here
-        ticket = bulk.tickets.issue(tag)
-        if ticket is None:
-            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "too many unused bulk tickets; try again later")
+        try:
+            ticket = bulk.tickets.issue(tag, self._ns.tenant(context, tag))
+        except TicketsExhausted as e:  # this tenant's share (or the server's cap) is used up
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         return kvstore_pb2.OpenBulkResponse(port=bulk.port, host=bulk.advertised_host, ticket=ticket,
                                             ticket_ttl_ms=int(bulk.tickets.ttl_s * 1000), tls=bulk.tls)
 

@@ -2,9 +2,9 @@
 
 Values are immutable `bytes`, so a reader takes a reference under the lock and streams it
 after releasing it; no value is ever copied inside the lock. With persistence, every write
-goes through to LMDB (the LMDB tier's raw batch operations, so the disk format, index and
-eviction are the same as the `lmdb:` tier's) and memory is a cache over it: after a restart
-memory is empty and reads fall through to disk, promoting what they find.
+goes through to LMDB (an LmdbStore, the class the `lmdb:` tier stores into, so the disk
+format, index and eviction are the same as the tier's) and memory is a cache over it: after
+a restart memory is empty and reads fall through to disk, promoting what they find.
 """
 from __future__ import annotations
 
@@ -13,8 +13,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvtier.kvstore.format.codec import CorruptBlock, parse_header, verify_value
+
+if TYPE_CHECKING:
+    from kvtier.kvstore.tiers.lmdb_store import LmdbStore
 
 MAX_KEY_BYTES = 256
 
@@ -93,13 +97,10 @@ class MemoryLRU:
 
 
 class BlockStore:
-    """Thread-safe memory LRU plus an optional persistent byte store behind it.
+    """Thread-safe memory LRU plus an optional persistent LmdbStore behind it (whose
+    operations raise StoreUnavailable for a disk fault)."""
 
-    `persist` is any object with the ByteStoreTier raw operations (_exists, _read, _write,
-    _remove) on bytes keys; the server passes an LmdbTier.
-    """
-
-    def __init__(self, capacity_bytes: int, persist=None):
+    def __init__(self, capacity_bytes: int, persist: "LmdbStore | None" = None):
         self._memory = MemoryLRU(capacity_bytes)
         self._persist = persist
         self._lock = threading.Lock()
@@ -120,7 +121,7 @@ class BlockStore:
             present = [k in self._memory for k in keys]
         if self._persist is not None and not all(present):
             missing = [i for i, p in enumerate(present) if not p]
-            for i, found in zip(missing, self._persist._exists([keys[i] for i in missing])):
+            for i, found in zip(missing, self._persist.exists([keys[i] for i in missing])):
                 present[i] = found
         return present
 
@@ -129,8 +130,10 @@ class BlockStore:
             values = [self._memory.get(k) for k in keys]
         if self._persist is not None and any(v is None for v in values):
             missing = [i for i, v in enumerate(values) if v is None]
-            found = self._persist._read([keys[i] for i in missing])
+            found = self._persist.read([keys[i] for i in missing])
             promoted = [(keys[i], bytes(v)) for i, v in zip(missing, found) if v is not None]
+            if promoted:  # a disk hit is a use: keep it out of the disk's eviction for longer
+                self._persist.touch([k for k, _ in promoted])
             with self._lock:
                 for key, value in promoted:
                     if len(value) <= self._memory.capacity_bytes:
@@ -155,7 +158,7 @@ class BlockStore:
                 raise BlockTooLarge(f"a {len(v)}-byte block exceeds the {self._memory.capacity_bytes}-byte capacity")
         if self._persist is not None:
             with self._disk_lock:
-                self._persist._write(list(keys), list(values))
+                self._persist.write(list(keys), list(values))
         with self._lock:
             for key, value in zip(keys, values):
                 self.counters.evictions += self._memory.put(key, value)
@@ -167,8 +170,7 @@ class BlockStore:
             deleted = sum(self._memory.pop(k) for k in keys)
         if self._persist is not None:
             with self._disk_lock:
-                on_disk = sum(self._persist._exists(list(keys)))
-                self._persist._remove(list(keys))
+                on_disk = self._persist.remove(list(keys))
             deleted = max(deleted, on_disk)
         return deleted
 
@@ -181,7 +183,7 @@ class BlockStore:
             out = dict(self.counters.__dict__)
             out.update(used_bytes=self._memory.used_bytes, blocks=len(self._memory))
         if self._persist is not None:
-            out["disk_bytes"], out["disk_blocks"] = self._persist.disk_usage()
+            out["disk_bytes"], out["disk_blocks"] = self._persist.usage()
         return out
 
     def close(self) -> None:
