@@ -1,6 +1,7 @@
 """LMDB and Redis rows for benchmarks/tiers.py: each tier next to its raw client, same run.
 
-- lmdb: LmdbTier.put (+ flush: the write is committed, like the raw transaction) and .get
+- lmdb: LmdbTier puts as the engine makes them, through the hierarchy's writer thread
+  (store + flush: the write is committed, like the raw transaction), and LmdbTier.get
   vs raw py-lmdb on an environment with the same flags: one write transaction of
   txn.put(key, tensor bytes) per batch, and a buffers=True read transaction copying each
   value from the map into the destination tensor. Both keep `rounds` batches: the tier
@@ -84,19 +85,21 @@ def _bench_lmdb(args, layout) -> list[dict]:
     import lmdb
 
     from kvtier.kvstore.format.codec import HEADER_BYTES
+    from kvtier.kvstore.hierarchy import TierHierarchy
     from kvtier.kvstore.tiers.lmdb_tier import LmdbTier
 
     src, dst = _blocks(args, layout)
     root = tempfile.mkdtemp(prefix="kvtier-bench-lmdb-", dir=getattr(args, "lmdb_dir", None))
     tier = LmdbTier(os.path.join(root, "tier"), ROUNDS * args.batch * (layout.nbytes + HEADER_BYTES))
+    writes = TierHierarchy([tier])
     raw_env = lmdb.open(os.path.join(root, "raw"), map_size=tier.map_size, readahead=False, meminit=False,
                         metasync=False, sync=True)
     keys = lambda rep: make_keys(args.batch, rep * args.batch)  # noqa: E731  fresh keys per batch
     raw_bytes = [memoryview(b.contiguous().view(torch.uint8).numpy()).cast("B") for b in src]
 
-    def tier_put(rep):
-        tier.put(keys(rep), src)
-        tier.flush()
+    def tier_put(rep):  # as the engine writes: through the hierarchy's writer thread
+        writes.store(keys(rep), src)
+        writes.flush()
 
     def raw_put(rep):
         with raw_env.begin(write=True) as txn:
@@ -115,18 +118,16 @@ def _bench_lmdb(args, layout) -> list[dict]:
             for k, out in zip(keys(rep), dst):
                 out.copy_(torch.frombuffer(txn.get(k.to_bytes()), dtype=layout.dtype).view(layout.shape))
 
-    # The LRU touches of a get are committed by the writer thread; let them land outside
-    # the timed region so they do not slow down the next measurement of either side.
     steps = {("tier", "put"): tier_put, ("raw", "put"): raw_put, ("tier", "get"): tier_get, ("raw", "get"): raw_get}
     try:
-        times = _alternating(args, steps, after_rep=lambda rep: tier.flush())
+        times = _alternating(args, steps)
         tier.get(keys(args.repeats + ROUNDS), dst)
         if not all(torch.equal(a, b) for a, b in zip(src, dst)):
             raise RuntimeError("lmdb tier returned wrong bytes")
         if tier.stats().skipped_writes:
             raise RuntimeError("lmdb tier skipped writes during the benchmark")
     finally:
-        tier.close()
+        writes.close()
         raw_env.close()
         shutil.rmtree(root, ignore_errors=True)
     return [_row("lmdb", op, "cpu", args.batch, layout, times["tier", op], times["raw", op]) for op in ("put", "get")]

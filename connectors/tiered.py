@@ -43,7 +43,6 @@ from kvtier.connectors.base import (
 from kvtier.connectors.remote_lookup import LookupBudget, RemoteLookups
 from kvtier.kvstore.faults import FaultLog
 from kvtier.kvstore.hierarchy import TierHierarchy
-from kvtier.kvstore.stats import TierStats
 from kvtier.kvstore.tiers.base import Tier
 from kvtier.kvstore.tiers.spec import build_tier
 
@@ -214,9 +213,7 @@ class TieredConnector(KVConnector):
         out = {name: s.as_dict() for name, s in self.hierarchy.stats().items()}
         missed = {n: m for n, m in zip(self.hierarchy.names, self._remote.missed) if m}
         faults = self.faults.counts()
-        # Shaped like a tier's entry (callers that list tiers read the same fields) plus the
-        # connector's own counters.
-        out["connector"] = {**TierStats(errors=sum(faults.values()), faults=faults).as_dict(),
+        out["connector"] = {"errors": sum(faults.values()), "faults": faults,
                             "crashed_loads": self.num_crashed_loads,
                             "deferred_lookups": self._remote.deferred, "lookup_timeouts": missed}
         return out
