@@ -48,6 +48,7 @@ from kvtier.kvstore.tiers.spec import build_tier
 
 _POLICIES = ("write-through", "write-back")
 LOOKUP_REUSE_S = 0.5
+LOADER_THREADS = 4
 _MAX_REMEMBERED = 1024  # remembered lookups, for requests that wait a long time or go away
 # get_finished(wait=True) waits at most this long, so an idle engine loop still comes back
 # soon (for requests added meanwhile) while a load or lookup on a slow store drags on.
@@ -101,7 +102,9 @@ class TieredConnector(KVConnector):
         # request id -> (when, first block, last block, keys, tier of each block found)
         self._recent: dict[str, tuple[float, int, int, list, list[int]]] = {}
         self._meta = ConnectorMetadata()
-        self._loader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
+        # Several loaders: a load stuck on a frozen remote store (until that store's own
+        # timeout) must not hold up other requests' loads from healthy tiers.
+        self._loader = cf.ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="kvtier-load")
         self._loads: dict[str, tuple[cf.Future, int]] = {}  # request id -> (load, its blocks)
         self.num_crashed_loads = 0
 

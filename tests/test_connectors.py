@@ -388,3 +388,49 @@ def test_a_crashed_load_is_logged_counted_and_recomputed(model, monkeypatch, cap
     assert stats["device"]["load_failures"] > 0, "the blocks of a crashed load are load failures"
     logged = [r for r in caplog.records if "injected load crash" in r.getMessage()]
     assert len(logged) == 1, "logged once, then rate-limited"
+
+
+class StuckReadTier(GateTier):
+    """GateTier whose reads, not its lookups, hang while `open` is clear."""
+
+    def _exists(self, keys):
+        return [k in self.values for k in keys]
+
+    def _read(self, keys):
+        self.open.wait(30)
+        return super()._read(keys)
+
+
+def test_a_load_stuck_on_a_frozen_store_does_not_hold_up_other_loads(model):
+    from kvtier.connectors.base import ConnectorContext, ConnectorMetadata, LoadSpec
+    from kvtier.connectors.tiered import TieredConnector
+
+    cfg = load_model_config(model["path"])
+    layout = BlockLayout((cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim), torch.float32, torch.device("cpu"))
+    cpu, stuck = CpuTier(1 << 20, layout), StuckReadTier()
+    keys = [BlockKey(b"ns", bytes([i]) * 32) for i in range(4)]
+    data = [torch.full(layout.shape, float(i)) for i in range(4)]
+    cpu.put(keys[:2], data[:2])
+    stuck.put(keys[2:], data[2:])
+    connector = TieredConnector({"tiers": [cpu, stuck]}, ConnectorContext(b"ns", layout, 16))
+    connector.register_kv_caches(torch.zeros((4, *layout.shape)))
+    stuck.open.clear()
+    try:
+        meta = ConnectorMetadata(loads=[LoadSpec("frozen", [2, 3], keys[2:], [1, 1]),
+                                        LoadSpec("healthy", [0, 1], keys[:2], [0, 0])])
+        connector.start_load(meta)
+        finished = {}
+        deadline = time.monotonic() + 5
+        while "healthy" not in finished:
+            assert time.monotonic() < deadline, "the healthy load waited behind the frozen one"
+            finished.update(connector.get_finished(wait=True).finished_loads)
+        assert "frozen" not in finished and finished["healthy"].num_blocks_ok == 2
+        assert all(torch.equal(connector.kv_pool[i], data[i]) for i in range(2))
+        stuck.open.set()
+        while "frozen" not in finished:
+            assert time.monotonic() < deadline + 5
+            finished.update(connector.get_finished(wait=True).finished_loads)
+        assert finished["frozen"].num_blocks_ok == 2
+    finally:
+        stuck.open.set()
+        connector.close()
