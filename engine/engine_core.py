@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
+
 import torch
 
 from kvtier.connectors.base import ConnectorContext, KVConnector
