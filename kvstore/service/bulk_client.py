@@ -72,7 +72,8 @@ class BulkClient:
 
     @property
     def fallbacks(self) -> int:
-        """Calls that went through gRPC because the bulk stream refused or dropped them."""
+        """Calls that went through gRPC because the bulk stream refused, dropped or (TLS) could
+        not verify them."""
         return self._faults.total()
 
     def refused(self, error: OSError) -> bool:
@@ -128,9 +129,9 @@ class BulkClient:
             sock.close()
             problem = certificate_problem(e)
             if problem is not None:  # a certificate gRPC's TLS may still accept: use gRPC
-                log.warning("kv-server bulk stream at %s:%d: TLS handshake failed (%s); falling back to gRPC "
-                            "for %.0f s (the bulk stream verifies certificates strictly: docs in README, TLS)",
-                            host, reply.port, problem, RETRY_UNREACHABLE_S)
+                self._faults.record(f"kv-server bulk stream at {host}:{reply.port}: TLS handshake failed; falling "
+                                    f"back to gRPC for {RETRY_UNREACHABLE_S:.0f} s (the bulk stream verifies "
+                                    "certificates strictly: README, TLS certificates)", problem)
                 self._use_grpc_until = time.monotonic() + RETRY_UNREACHABLE_S
                 return None
             if isinstance(e, OSError) and self.refused(e):  # dropped before the HELLO was answered
