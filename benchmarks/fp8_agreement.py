@@ -56,7 +56,7 @@ def run(model: str, codec: str, prompts, params, workdir: str) -> dict:
     with LLM(model, kv_tiers=[tier]) as llm:
         reference = llm.generate(prompts, params, use_tqdm=False)
         llm.engine.connector.flush()
-        if not llm.engine.kv.pool.reset_prefix_cache():
+        if not llm.engine.kv.reset_prefix_cache():
             raise RuntimeError("device blocks still in use")
         reloaded = llm.generate(prompts, params, use_tqdm=False)
     tokens = [o.outputs[0].token_ids for o in reference]

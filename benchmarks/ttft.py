@@ -72,7 +72,7 @@ def _ttft(llm: LLM, prompt: list[int]):
 
 
 def _drop_device_cache(llm: LLM) -> None:
-    if not llm.engine.kv.pool.reset_prefix_cache():
+    if not llm.engine.kv.reset_prefix_cache():
         raise RuntimeError("device blocks still in use")
 
 

@@ -6,15 +6,23 @@ halves so the worker half could later live in another process:
 scheduler side (called by the Scheduler only)
     lookup(request, num_device_tokens) -> tokens loadable beyond the device hit, or None:
         "not known yet, ask again next step" (no side effects on the request; see below)
-    on_allocated(request, block_ids, num_external_tokens): block_ids are the device blocks
-        reserved for the external tokens, in prefix order; the connector records the load
-    request_blocks_saved(block_ids, block_hashes): blocks that became full this step
-    blocks_evicted(block_ids, block_hashes): cached blocks about to be overwritten
+    on_allocated(request, block_ids, num_external_tokens): block_ids[g] are the device
+        blocks of KV group g reserved for the external tokens, in the order
+        `context.groups[g].blocks_to_load` gives; the connector records the load
+    request_blocks_saved(block_ids, block_hashes, group): blocks of a group that became
+        full this step (SSM groups: state checkpoints, keyed by the hash of their prefix)
+    blocks_evicted(block_ids, block_hashes, group): cached blocks about to be overwritten
     build_metadata() -> ConnectorMetadata for this step (loads to start, blocks to save)
     on_request_finished(request, block_ids) -> True to hold the blocks until a save completes
 worker side (called around the forward pass)
-    register_kv_caches(pool), start_load(meta) (before the forward), save(meta) (after the
-    forward), get_finished() -> ConnectorOutput (loads and saves that completed)
+    register_kv_caches(pools) (one pool per KV group), start_load(meta) (before the
+    forward), save(meta) (after the forward), get_finished() -> ConnectorOutput
+
+KV groups (connectors/groups.py): a dense model has one full-attention group; hybrid models
+add sliding-window and SSM-state groups. A lookup must answer for all groups: tokens L
+beyond the device hit L0 count only if every group can resume at L (for each group,
+`blocks_to_load(L0, L)` names the blocks it needs). Keys carry the group
+(`context.key(hash, group)`).
 
 lookup runs on the engine loop, so it must answer in microseconds: a connector asking a
 remote store does so off the loop and returns None until the answer is in. The scheduler
@@ -34,6 +42,7 @@ from typing import Protocol
 
 import torch
 
+from kvtier.connectors.groups import GroupInfo
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.tiers.spec import BlockLayout
 
@@ -54,11 +63,22 @@ class Request(Protocol):
 class ConnectorContext:
     """What a connector learns about the engine when it is built."""
 
-    namespace: bytes  # model namespace digest (engine/block_hash.model_namespace)
-    layout: BlockLayout  # one stored block: [num_layers, 2, block_size, kv_heads, head_dim]
+    namespace: bytes  # model namespace digest (engine/kv_cache/block_hash.model_namespace)
+    layout: BlockLayout  # group 0's stored block, e.g. [num_layers, 2, block_size, kv_heads, head_dim]
     block_size: int
     # Measured prefill speed (tokens/s), or None before the engine has measured it.
     prefill_tokens_per_s: Callable[[], float | None] = lambda: None
+    # The engine's KV groups; default: one full-attention group of `layout`.
+    groups: tuple[GroupInfo, ...] = ()
+
+    def __post_init__(self):
+        if not self.groups:
+            object.__setattr__(self, "groups", (GroupInfo("full", self.layout),))
+
+    @property
+    def dense(self) -> bool:
+        """One full-attention group: every block of a prefix is needed, in order."""
+        return len(self.groups) == 1 and self.groups[0].kind == "full"
 
     def key(self, block_hash: bytes, group: int = 0) -> BlockKey:
         return BlockKey(self.namespace, block_hash, group)
@@ -67,14 +87,15 @@ class ConnectorContext:
 @dataclass
 class LoadSpec:
     request_id: str
-    block_ids: list[int]  # device blocks to fill, in prefix order
+    block_ids: list[int]  # device blocks to fill, each in the pool of its key's group
     keys: list[BlockKey]
     sources: list[int] = field(default_factory=list)  # connector-private: where each block lives
+    num_tokens: int = 0  # tokens the load covers (hybrid loads: all or nothing)
 
 
 @dataclass
 class SaveSpec:
-    block_ids: list[int]
+    block_ids: list[int]  # in the pool of each key's group
     keys: list[BlockKey]
 
 
@@ -116,24 +137,27 @@ class KVConnector:
         """Tokens beyond the device hit this connector can load, or None while unknown."""
         return 0
 
-    def on_allocated(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
+    def on_allocated(self, request: Request, block_ids: tuple[list[int], ...], num_external_tokens: int) -> None:
         pass
 
-    def request_blocks_saved(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
-        """Blocks computed this step that became full; saved after the forward."""
+    def request_blocks_saved(self, block_ids: list[int], block_hashes: list[bytes], group: int = 0) -> None:
+        """Blocks of one KV group computed this step that became full; saved after the forward."""
 
-    def blocks_evicted(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
-        """Cached device blocks about to be reused this step (before the forward)."""
+    def blocks_evicted(self, block_ids: list[int], block_hashes: list[bytes], group: int = 0) -> None:
+        """Cached device blocks of one KV group about to be reused this step (before the forward)."""
 
     def build_metadata(self) -> ConnectorMetadata:
         return ConnectorMetadata()
 
-    def on_request_finished(self, request: Request, block_ids: list[int]) -> bool:
+    def on_request_finished(self, request: Request, block_ids: tuple[list[int], ...]) -> bool:
         return False
 
     # ---- worker side ---------------------------------------------------------------
-    def register_kv_caches(self, kv_pool: torch.Tensor) -> None:
-        self.kv_pool = kv_pool
+    def register_kv_caches(self, kv_pools: Sequence[torch.Tensor]) -> None:
+        """One device pool per KV group; `kv_pools[g][block_id]` is one stored block (a
+        single tensor is taken as the one pool of a dense model)."""
+        self.kv_pools = [kv_pools] if isinstance(kv_pools, torch.Tensor) else list(kv_pools)
+        self.kv_pool = self.kv_pools[0]
 
     def start_load(self, meta: ConnectorMetadata) -> None:
         pass

@@ -48,32 +48,32 @@ class MultiConnector(KVConnector):
             self._chosen[request.request_id] = best_child
         return best
 
-    def on_allocated(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
+    def on_allocated(self, request: Request, block_ids: tuple[list[int], ...], num_external_tokens: int) -> None:
         child = self._chosen.pop(request.request_id)
         self.children[child].on_allocated(request, block_ids, num_external_tokens)
 
-    def request_blocks_saved(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
+    def request_blocks_saved(self, block_ids: list[int], block_hashes: list[bytes], group: int = 0) -> None:
         for child in self.children:
-            child.request_blocks_saved(block_ids, block_hashes)
+            child.request_blocks_saved(block_ids, block_hashes, group)
 
-    def blocks_evicted(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
+    def blocks_evicted(self, block_ids: list[int], block_hashes: list[bytes], group: int = 0) -> None:
         for child in self.children:
-            child.blocks_evicted(block_ids, block_hashes)
+            child.blocks_evicted(block_ids, block_hashes, group)
 
     def build_metadata(self) -> ConnectorMetadata:
         self._chosen.clear()
         return MultiMetadata(per_child=[c.build_metadata() for c in self.children])
 
-    def on_request_finished(self, request: Request, block_ids: list[int]) -> bool:
+    def on_request_finished(self, request: Request, block_ids: tuple[list[int], ...]) -> bool:
         holders = {i for i, c in enumerate(self.children) if c.on_request_finished(request, block_ids)}
         if holders:
             self._holding[request.request_id] = holders
         return bool(holders)
 
-    def register_kv_caches(self, kv_pool) -> None:
-        super().register_kv_caches(kv_pool)
+    def register_kv_caches(self, kv_pools) -> None:
+        super().register_kv_caches(kv_pools)
         for child in self.children:
-            child.register_kv_caches(kv_pool)
+            child.register_kv_caches(kv_pools)
 
     def start_load(self, meta: MultiMetadata) -> None:
         for child, m in zip(self.children, meta.per_child):

@@ -71,6 +71,7 @@ class _Probe:
         self.tier: int | None = None  # remote tier the job is waiting on now (under the lock)
         self.stalled: int | None = None  # tier marked stalled on this probe's behalf
         self.abandoned = False
+        self.prefix = True  # answer with the leading run only
 
 
 class RemoteLookups:
@@ -92,17 +93,19 @@ class RemoteLookups:
     def new_step(self) -> None:
         self._wait_left = self.budget.wait_s
 
-    def lookup(self, request_id: str, keys: list[BlockKey]) -> list[int] | None:
+    def lookup(self, request_id: str, keys: list[BlockKey], prefix: bool = True) -> list | None:
         """Tier of each block in the longest prefix held anywhere (as TierHierarchy.lookup),
-        or None while a remote answer is still due."""
+        or None while a remote answer is still due. prefix=False: the tier of every key,
+        None where no tier holds it (hybrid models need blocks that are not a prefix)."""
         probe = self._probes.get(request_id)
         if probe is not None and probe.keys != keys:  # the request moved on: ask afresh
             self._drop(request_id)
             probe = None
         if probe is None:
             probe = self._start(keys)
+            probe.prefix = prefix
             if probe.future is None:
-                return _prefix(probe.where)
+                return _result(probe, probe.where)
             if len(self._probes) >= _MAX_PROBES:
                 self._sweep()
             self._probes[request_id] = probe
@@ -161,13 +164,13 @@ class RemoteLookups:
                 found = {}
             for i, t in found.items():
                 where[i] = t
-            return _prefix(where)
+            return _result(probe, where)
         if time.monotonic() - probe.started < self.budget.budget_s:
             self.deferred += 1
             return None
         del self._probes[request_id]
         self._give_up(probe)
-        return _prefix(probe.where)
+        return _result(probe, probe.where)
 
     def _give_up(self, probe: _Probe) -> None:
         """Stop waiting for a probe; the tier it is stuck in counts a failure now."""
@@ -239,6 +242,10 @@ class RemoteLookups:
                     probe.abandoned = True
             self._probes.clear()
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _result(probe: _Probe, where: list[int | None]) -> list:
+    return _prefix(where) if probe.prefix else list(where)
 
 
 def _prefix(where: list[int | None]) -> list[int]:

@@ -90,7 +90,7 @@ class TieredConnector(KVConnector):
         tiers = []
         try:
             for spec in specs:
-                tiers.append(spec if isinstance(spec, Tier) else build_tier(spec, context.layout))
+                tiers.append(spec if isinstance(spec, Tier) else build_tier(spec, [g.layout for g in context.groups]))
         except Exception:
             for t in tiers:
                 t.close()
@@ -120,16 +120,47 @@ class TieredConnector(KVConnector):
         if seen is not None and seen[1:3] == (first, last) and now - seen[0] < LOOKUP_REUSE_S:
             keys, locations = seen[3], seen[4]
         else:
-            keys = [self.context.key(h) for h in request.block_hashes[first:last]]
-            locations = self._remote.lookup(request.request_id, keys)
+            keys = self._probe_keys(request, first, last)
+            locations = self._remote.lookup(request.request_id, keys, prefix=self.context.dense)
             if locations is None:
                 return None  # a remote tier's answer is due; asked again next step
             if len(self._recent) >= _MAX_REMEMBERED:
                 self._recent = {r: s for r, s in self._recent.items() if now - s[0] < LOOKUP_REUSE_S}
             self._recent[request.request_id] = (now, first, last, keys, locations)
+        if not self.context.dense:
+            return self._plan_hybrid(request.request_id, first, last, keys, locations)
         n = self._blocks_worth_loading(locations)
         self._lookups[request.request_id] = (keys[:n], locations[:n])
         return n * bs
+
+    def _probe_keys(self, request: Request, first: int, last: int) -> list:
+        """Dense: the blocks after the device hit. Hybrid: those of every group (for an SSM
+        group, the checkpoints at each of their ends), group after group."""
+        hashes = request.block_hashes[first:last]
+        return [self.context.key(h, g) for g in range(len(self.context.groups)) for h in hashes]
+
+    def _plan_hybrid(self, request_id: str, first: int, last: int, keys: list, where: list) -> int:
+        """The longest resume point every group can load, if loading it beats recomputing."""
+        bs, span = self.context.block_size, last - first
+        for n in range(last, first, -1):
+            picks = [g * span + i - first for g, info in enumerate(self.context.groups)
+                     for i in info.blocks_to_load(first * bs, n * bs, bs)]
+            locations = [where[p] for p in picks]
+            if any(loc is None for loc in locations):
+                continue
+            if not self._worth_loading([keys[p] for p in picks], locations, (n - first) * bs):
+                return 0
+            self._lookups[request_id] = ([keys[p] for p in picks], locations)
+            return (n - first) * bs
+        return 0
+
+    def _worth_loading(self, keys: list, locations: list[int], num_tokens: int) -> bool:
+        speed = self.context.prefill_tokens_per_s()
+        if not self.load_or_recompute or not speed:
+            return True
+        bandwidth = [t.read_bandwidth() for t in self.hierarchy.tiers]
+        cost = sum(self.context.groups[k.group].layout.nbytes / bandwidth[loc] for k, loc in zip(keys, locations))
+        return cost < num_tokens / speed
 
     def _blocks_worth_loading(self, locations: list[int]) -> int:
         speed = self.context.prefill_tokens_per_s()
@@ -140,19 +171,20 @@ class TieredConnector(KVConnector):
         costs = [nbytes / bandwidth[loc] for loc in locations]
         return plan_prefix_load(costs, self.context.block_size / speed)
 
-    def on_allocated(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
+    def on_allocated(self, request: Request, block_ids: tuple[list[int], ...], num_external_tokens: int) -> None:
         keys, locations = self._lookups.pop(request.request_id)
         self._recent.pop(request.request_id, None)
-        n = num_external_tokens // self.context.block_size
-        self._meta.loads.append(LoadSpec(request.request_id, block_ids[:n], keys[:n], locations[:n]))
+        flat = [b for ids in block_ids for b in ids]
+        n = min(len(flat), len(keys))
+        self._meta.loads.append(LoadSpec(request.request_id, flat[:n], keys[:n], locations[:n], num_external_tokens))
 
-    def request_blocks_saved(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
+    def request_blocks_saved(self, block_ids: list[int], block_hashes: list[bytes], group: int = 0) -> None:
         if self.write_policy == "write-through" and block_ids:
-            self._meta.saves.append(SaveSpec(block_ids, [self.context.key(h) for h in block_hashes]))
+            self._meta.saves.append(SaveSpec(block_ids, [self.context.key(h, group) for h in block_hashes]))
 
-    def blocks_evicted(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
+    def blocks_evicted(self, block_ids: list[int], block_hashes: list[bytes], group: int = 0) -> None:
         if self.write_policy == "write-back" and block_ids:
-            keys = [self.context.key(h) for h in block_hashes]
+            keys = [self.context.key(h, group) for h in block_hashes]
             self._meta.saves_before_forward.append(SaveSpec(block_ids, keys))
 
     def build_metadata(self) -> ConnectorMetadata:
@@ -175,10 +207,15 @@ class TieredConnector(KVConnector):
             self._loads[spec.request_id] = (self._loader.submit(self._load, spec), len(spec.keys))
 
     def _load(self, spec: LoadSpec) -> LoadResult:
-        into = [self.kv_pool[b] for b in spec.block_ids]
+        into = [self.kv_pools[k.group][b] for b, k in zip(spec.block_ids, spec.keys)]
         ok = self.hierarchy.load(spec.keys, into, spec.sources)
         n_ok = next((i for i, good in enumerate(ok) if not good), len(ok))
         sources: dict[str, int] = {}
+        if not self.context.dense:
+            # All or nothing (coordinator.loaded_tokens): the tokens count for the slowest tier used.
+            if n_ok == len(ok) and ok:
+                sources[self.hierarchy.names[max(spec.sources)]] = spec.num_tokens
+            return LoadResult(n_ok, len(ok), sources)
         for loc in spec.sources[:n_ok]:
             name = self.hierarchy.names[loc]
             sources[name] = sources.get(name, 0) + self.context.block_size
@@ -189,11 +226,14 @@ class TieredConnector(KVConnector):
             self._store(spec)
 
     def _store(self, spec: SaveSpec) -> None:
-        if self.kv_pool.device.type == "cpu":
-            blocks = [self.kv_pool[b] for b in spec.block_ids]  # the hierarchy copies what it keeps
+        if not spec.keys:
+            return
+        pool = self.kv_pools[spec.keys[0].group]  # a save spec covers one group
+        if pool.device.type == "cpu":
+            blocks = [pool[b] for b in spec.block_ids]  # the hierarchy copies what it keeps
         else:
-            index = torch.tensor(spec.block_ids, device=self.kv_pool.device)
-            blocks = list(self.kv_pool.index_select(0, index).cpu().unbind(0))
+            index = torch.tensor(spec.block_ids, device=pool.device)
+            blocks = list(pool.index_select(0, index).cpu().unbind(0))
         self.hierarchy.store(spec.keys, blocks)
 
     def get_finished(self, wait: bool = False) -> ConnectorOutput:

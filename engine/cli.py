@@ -26,6 +26,12 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=size_arg, default=None, help="device KV pool size, e.g. 512MiB")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--seed", type=int, default=0)
+    h = p.add_argument_group("hybrid models (sliding-window and SSM layers)")
+    h.add_argument("--kv-group-memory-fractions", type=_fractions, default=None, metavar="F,F,...",
+                   help="share of the KV memory per KV group (default: by need, see the README)")
+    h.add_argument("--ssm-checkpoint-interval", type=int, default=None, metavar="TOKENS",
+                   help="tokens between SSM state checkpoints, a multiple of --block-size")
+    h.add_argument("--ssm-checkpoint-policy", choices=["auto", "last-boundary"], default="auto")
     t = p.add_argument_group("KV tiers")
     t.add_argument(
         "--kv-tier",
@@ -37,6 +43,13 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--no-kv-tiers", action="store_true", help="no tiers at all (not even the defaults)")
     t.add_argument("--kv-write-policy", choices=["write-through", "write-back"], default="write-through")
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def default_kv_tiers() -> list[str]:
@@ -68,6 +81,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_cache_memory_bytes=args.kv_cache_memory,
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
+        kv_group_memory_fractions=args.kv_group_memory_fractions,
+        ssm_checkpoint_interval=args.ssm_checkpoint_interval,
+        ssm_checkpoint_policy=args.ssm_checkpoint_policy,
     )
 
 
@@ -90,9 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("make-model", help="write a random-weight Hugging Face checkpoint and tokenizer")
     m.add_argument("out", help="output directory")
-    m.add_argument("--arch", choices=["llama", "mistral", "qwen2", "qwen3"], default="llama")
+    m.add_argument("--arch", choices=["llama", "mistral", "qwen2", "qwen3", "mamba2", "granite-hybrid"],
+                   default="llama")
     m.add_argument("--size", choices=["tiny", "small"], default="small")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--sliding-window", type=int, default=None, metavar="N",
+                   help="sliding-window attention of N tokens (mistral: every layer; qwen2: upper half; "
+                        "qwen3: every other layer)")
 
     from kvtier.kvstore.service.server.main import add_kv_server_parser
 
@@ -148,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "make-model":
             from kvtier.engine.make_model import make_model
 
-            print(make_model(args.out, arch=args.arch, size=args.size, seed=args.seed))
+            print(make_model(args.out, arch=args.arch, size=args.size, seed=args.seed,
+                             sliding_window=args.sliding_window))
             return 0
         from kvtier.engine.demo import run_demo
 

@@ -78,6 +78,14 @@ class EngineConfig:
     # A connector by name ("tiered", "multi", an entry point, or "package.module:Class").
     kv_connector: str | None = None
     kv_connector_config: dict | None = None
+    # Hybrid models: share of the device KV budget per KV group (None: by need, see
+    # engine/kv_cache/budget.py), and tokens between SSM state checkpoints (None: the
+    # smallest block multiple whose attention KV weighs one checkpoint).
+    kv_group_memory_fractions: list[float] | None = None
+    ssm_checkpoint_interval: int | None = None
+    # "auto": checkpoints at prompt ends, every interval and at branch points; "last-boundary":
+    # at prompt ends only (what a one-checkpoint-per-request engine keeps; for comparison).
+    ssm_checkpoint_policy: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -95,7 +103,24 @@ class EngineConfig:
             raise ValueError("enable_prefix_caching: must be True or False")
         if self.attention_backend not in ("auto", "reference", "sdpa"):
             raise ValueError(f"attention_backend: unknown {self.attention_backend!r}; use auto, sdpa or reference")
+        self._validate_groups()
         self._validate_connector()
+
+    def _validate_groups(self) -> None:
+        fractions = self.kv_group_memory_fractions
+        if fractions is not None:
+            if isinstance(fractions, (str, bytes)) or not isinstance(fractions, (list, tuple)) or not all(
+                isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions
+            ):
+                raise ValueError(f"kv_group_memory_fractions: must be a list of numbers in (0, 1], got {fractions!r}")
+            if sum(fractions) > 1 + 1e-9:
+                raise ValueError(f"kv_group_memory_fractions: must sum to at most 1, got {sum(fractions)}")
+        if self.ssm_checkpoint_policy not in ("auto", "last-boundary"):
+            raise ValueError(f"ssm_checkpoint_policy: unknown {self.ssm_checkpoint_policy!r}; use auto or last-boundary")
+        _positive_int("ssm_checkpoint_interval", self.ssm_checkpoint_interval, allow_none=True)
+        if self.ssm_checkpoint_interval is not None and self.ssm_checkpoint_interval % self.block_size:
+            raise ValueError(f"ssm_checkpoint_interval: must be a multiple of block_size ({self.block_size}), "
+                             f"got {self.ssm_checkpoint_interval}")
 
     def _validate_connector(self) -> None:
         from kvtier.kvstore.tiers.spec import parse_tier_spec

@@ -69,9 +69,9 @@ def run_demo(args, engine_kwargs: dict) -> int:
     if kwargs.get("kv_cache_memory_bytes") is None and args.model is None:
         kwargs["kv_cache_memory_bytes"] = _DEMO_DEVICE_POOL
     with LLM(model, **kwargs) as llm:
-        pool = llm.engine.kv_pool
+        pool_bytes = sum(p.numel() * p.element_size() for p in llm.engine.kv_pools)
         print(f"model: {model}")
-        print(f"device KV pool: {pool.numel() * pool.element_size() / 2**20:.1f} MiB; "
+        print(f"device KV pool: {pool_bytes / 2**20:.1f} MiB; "
               f"tiers: {', '.join(kwargs.get('kv_tiers') or ['none'])}")
         _converse(llm, args)
     return 0

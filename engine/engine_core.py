@@ -11,10 +11,12 @@ import torch
 
 from kvtier.connectors.base import ConnectorContext, KVConnector
 from kvtier.connectors.registry import build_connector
-from kvtier.engine.block_hash import model_namespace, root_hash
+from kvtier.connectors.groups import GroupInfo
 from kvtier.engine.config import EngineConfig
-from kvtier.engine.kv_cache_manager import KVCacheManager
-from kvtier.engine.layers.paged_attention import bind_kv_cache
+from kvtier.engine.kv_cache.binding import bind_kv_caches, model_groups
+from kvtier.engine.kv_cache.block_hash import model_namespace, root_hash
+from kvtier.engine.kv_cache.budget import default_checkpoint_interval, split_kv_budget
+from kvtier.engine.kv_cache.coordinator import KVCacheCoordinator
 from kvtier.engine.model_loader import load_model, weights_fingerprint
 from kvtier.engine.model_runner import ModelRunner
 from kvtier.engine.prefill_speed import PrefillSpeed
@@ -27,7 +29,7 @@ from kvtier.engine.scheduler import Scheduler
 from kvtier.engine.tokenizer import load_tokenizer
 from kvtier.kvstore.tiers.spec import BlockLayout
 
-KV_LAYOUT = "page-first-v1"  # [blocks, layers, 2, block_size, kv_heads, head_dim]
+KV_LAYOUT = "page-first-v1"  # per group: [blocks, layers, 2, block_size, kv_heads, head_dim] | [slots, layers, state]
 
 
 class Engine:
@@ -38,25 +40,33 @@ class Engine:
         self.max_model_len = self._resolve_max_model_len()
 
         bs = config.block_size
-        block_shape = (self.arch.num_layers, 2, bs, self.arch.num_kv_heads, self.arch.head_dim)
-        bytes_per_block = torch.Size(block_shape).numel() * config.dtype.itemsize
-        num_blocks = config.kv_pool_bytes() // bytes_per_block
-        if num_blocks < 1:
-            raise ValueError(
-                f"kv_cache_memory_bytes: {config.kv_pool_bytes()} bytes cannot hold one KV block "
-                f"({bytes_per_block} bytes)"
-            )
-        self.kv_pool = torch.zeros((num_blocks, *block_shape), dtype=config.dtype, device=config.device)
+        self.groups = model_groups(self.model)
+        num_blocks = split_kv_budget(self.groups, config.kv_pool_bytes(), bs, config.dtype, config.max_num_seqs,
+                                     self.max_model_len, config.max_num_batched_tokens,
+                                     config.kv_group_memory_fractions)
+        # One page-first pool per KV group (docs/architecture.md §3).
+        self.kv_pools = [torch.zeros((n, *g.block_shape(bs)), dtype=config.dtype, device=config.device)
+                         for g, n in zip(self.groups, num_blocks)]
         backend = "sdpa" if config.attention_backend == "auto" else config.attention_backend
-        bind_kv_cache(self.model, self.kv_pool, backend)
+        bind_kv_caches(self.model, self.groups, self.kv_pools, backend)
+        self.group_infos = [
+            GroupInfo(g.kind, BlockLayout(g.block_shape(bs), config.dtype, config.device),
+                      g.spec.window if g.kind == "sliding" else None)
+            for g in self.groups
+        ]
 
         fingerprint = weights_fingerprint(config.model)
         self.namespace = model_namespace(fingerprint, str(config.dtype), KV_LAYOUT, bs)
-        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching,
-                                 track_transfers=config.connector_spec() is not None)
-        self.runner = ModelRunner(self.model, bs, config.device, config.seed)
+        every_checkpoint = config.ssm_checkpoint_policy == "auto"
+        interval = (config.ssm_checkpoint_interval or default_checkpoint_interval(self.groups, bs, config.dtype)
+                    if every_checkpoint else 0)
+        self.kv = KVCacheCoordinator(self.groups, self.group_infos, num_blocks, bs, config.enable_prefix_caching,
+                                     config.max_num_batched_tokens, interval,
+                                     track_transfers=config.connector_spec() is not None,
+                                     ssm_branch_points=every_checkpoint)
+        self.runner = ModelRunner(self.model, bs, config.device, config.seed, self.groups)
         self.prefill_speed = PrefillSpeed()
-        self.connector = self._build_connector(block_shape)
+        self.connector = self._build_connector()
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.connector
         )
@@ -65,22 +75,21 @@ class Engine:
         self._ended_outside_loop: list[Request] = []  # rejected or aborted, reported next step
         self._ids = itertools.count()
 
-    def _build_connector(self, block_shape: tuple[int, ...]) -> KVConnector | None:
+    def _build_connector(self) -> KVConnector | None:
         spec = self.config.connector_spec()
         if spec is None:
             return None
-        layout = BlockLayout(block_shape, self.config.dtype, self.config.device)
-        context = ConnectorContext(self.namespace, layout, self.config.block_size, self.prefill_speed.tokens_per_s)
+        context = ConnectorContext(self.namespace, self.group_infos[0].layout, self.config.block_size,
+                                   self.prefill_speed.tokens_per_s, tuple(self.group_infos))
         connector = build_connector(spec[0], spec[1], context)
-        connector.register_kv_caches(self.kv_pool)
+        connector.register_kv_caches(self.kv_pools)
         # Load-or-recompute needs the prefill speed from the first request on: measure it now.
         self.prefill_speed.measure(self.runner, min(512, self.config.max_num_batched_tokens, self.max_model_len,
-                                                    self.kv.num_blocks * self.config.block_size))
+                                                    self.kv.max_seq_tokens or self.max_model_len),
+                                   [p.shape[0] for p in self.kv_pools])
         return connector
 
     def _resolve_max_model_len(self) -> int:
-        # No sliding-window attention yet: full attention equals it while sequences fit the
-        # window, so the window caps the length (ModelArchConfig.max_model_len_limit).
         limit = self.arch.max_model_len_limit
         requested = self.config.max_model_len
         if requested is None:
@@ -171,14 +180,8 @@ class Engine:
 
     def kv_stats(self) -> dict[str, dict]:
         """Per-tier stats: the device pool, then each connector tier."""
-        pool = self.kv.pool
         device = {
-            "blocks": pool.num_blocks,
-            "free_blocks": pool.num_free_blocks,
-            "cached_blocks": len(pool.cached),
-            "evictions": pool.num_evictions,
-            "prefix_query_tokens": self.kv.prefix_queries,
-            "prefix_hit_tokens": self.kv.prefix_hits,
+            **self.kv.stats(),
             "preemptions": self.scheduler.num_preemptions,
             "load_failures": self.scheduler.num_load_failures,
         }

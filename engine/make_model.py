@@ -1,11 +1,13 @@
-"""Write a random-weight Llama-family checkpoint in Hugging Face format, for tests and benchmarks.
+"""Write a random-weight checkpoint in Hugging Face format, for tests and benchmarks: the Llama
+family (optionally with sliding-window attention), Mamba2, or a Granite-4.0-H-shaped hybrid.
 
 The directory looks like a Hub download: config.json, generation_config.json,
 model.safetensors, tokenizer.json, tokenizer_config.json. Weights are drawn with torch from
 `seed` (transformers is not needed); the byte-level BPE tokenizer is trained by the
 `tokenizers` library on a fixed synthetic corpus, so it is identical for every seed.
 
-    python -m kvtier.engine.make_model OUT_DIR --arch qwen3 --size small
+    python -m kvtier.engine.make_model OUT_DIR --arch qwen3 --size small [--sliding-window 512]
+    python -m kvtier.engine.make_model OUT_DIR --arch granite-hybrid --size tiny
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from kvtier.engine.make_model_hybrid import HYBRID_ARCHS, hybrid_config, hybrid_state_dict
+
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")  # ids 0, 1, 2
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
@@ -26,7 +30,10 @@ _ARCHS = {
     "mistral": ("MistralForCausalLM", "mistral"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "mamba2": ("Mamba2ForCausalLM", "mamba2"),
+    "granite-hybrid": ("GraniteMoeHybridForCausalLM", "granitemoehybrid"),
 }
+SLIDING_ARCHS = ("mistral", "qwen2", "qwen3")
 # Init std: large enough that greedy picks are far from ties, small enough to stay finite.
 _SIZES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -73,12 +80,19 @@ def build_byte_level_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def model_config(arch: str, size: str) -> dict:
-    """The config.json dict (legacy `rope_theta` spelling, read by transformers 4 and 5)."""
+def model_config(arch: str, size: str, sliding_window: int | None = None) -> dict:
+    """The config.json dict (legacy `rope_theta` spelling, read by transformers 4 and 5).
+    sliding_window: mistral slides on every layer; qwen2 on the upper half (max_window_layers);
+    qwen3 on every other layer (explicit layer_types)."""
     if arch not in _ARCHS:
         raise ValueError(f"arch: unknown {arch!r}; choose one of {', '.join(_ARCHS)}")
     if size not in _SIZES:
         raise ValueError(f"size: unknown {size!r}; choose one of {', '.join(_SIZES)}")
+    if sliding_window is not None and (arch not in SLIDING_ARCHS or sliding_window <= 0):
+        raise ValueError(f"sliding_window: needs a positive window and one of {', '.join(SLIDING_ARCHS)} "
+                         f"(got {sliding_window!r} for {arch!r})")
+    if arch in HYBRID_ARCHS:
+        return hybrid_config(arch, size, dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID))
     spec = {k: v for k, v in _SIZES[size].items() if k != "std"}
     architecture, model_type = _ARCHS[arch]
     cfg = dict(
@@ -97,11 +111,22 @@ def model_config(arch: str, size: str) -> dict:
                    max_window_layers=cfg["num_hidden_layers"])
         if arch == "qwen3":
             cfg.update(attention_bias=False)
+    if sliding_window is not None:
+        layers = cfg["num_hidden_layers"]
+        if arch == "mistral":
+            cfg.update(sliding_window=sliding_window)
+        elif arch == "qwen2":
+            cfg.update(use_sliding_window=True, sliding_window=sliding_window, max_window_layers=layers // 2)
+        else:
+            cfg.update(use_sliding_window=True, sliding_window=sliding_window, max_window_layers=0,
+                       layer_types=["sliding_attention" if i % 2 else "full_attention" for i in range(layers)])
     return cfg
 
 
 def random_state_dict(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
     """HF-named float32 tensors; norms near 1 and nonzero biases, so their loading is tested."""
+    if cfg["architectures"][0] in (_ARCHS[a][0] for a in HYBRID_ARCHS):
+        return hybrid_state_dict(cfg, seed)
     g = torch.Generator().manual_seed(seed)
     std = cfg["initializer_range"]
     hidden, inter, head_dim = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
@@ -141,9 +166,10 @@ def _write_json(path: str, data: dict) -> None:
         f.write("\n")
 
 
-def make_model(out_dir: str, arch: str = "llama", size: str = "tiny", seed: int = 0) -> str:
+def make_model(out_dir: str, arch: str = "llama", size: str = "tiny", seed: int = 0,
+               sliding_window: int | None = None) -> str:
     """Write the checkpoint into `out_dir` (created if needed) and return its path."""
-    cfg = model_config(arch, size)
+    cfg = model_config(arch, size, sliding_window)
     os.makedirs(out_dir, exist_ok=True)
     _write_json(os.path.join(out_dir, "config.json"), cfg)
     _write_json(
@@ -157,7 +183,7 @@ def make_model(out_dir: str, arch: str = "llama", size: str = "tiny", seed: int 
         {
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[BOS_ID],
             "eos_token": SPECIAL_TOKENS[EOS_ID], "pad_token": SPECIAL_TOKENS[PAD_ID],
-            "add_bos_token": False, "model_max_length": cfg["max_position_embeddings"],
+            "add_bos_token": False, "model_max_length": cfg.get("max_position_embeddings", 131072),
         },
     )
     return out_dir
@@ -169,8 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arch", choices=sorted(_ARCHS), default="llama")
     ap.add_argument("--size", choices=sorted(_SIZES), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sliding-window", type=int, default=None, help="sliding window (mistral, qwen2, qwen3)")
     args = ap.parse_args(argv)
-    print(make_model(args.out_dir, args.arch, args.size, args.seed))
+    print(make_model(args.out_dir, args.arch, args.size, args.seed, args.sliding_window))
 
 
 if __name__ == "__main__":

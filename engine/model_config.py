@@ -1,8 +1,10 @@
 """The architecture of a Hugging Face checkpoint, parsed once from its `config.json`.
 
-Only the Llama family is supported (Llama 2/3, Mistral, Qwen2, Qwen3): they differ in a few
-switches (q/k/v bias, per-head q/k norm, RoPE scaling, tied embeddings, sliding window), which
-this module turns into explicit fields so the model code never reads raw JSON.
+The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) differs in a few switches (q/k/v bias,
+per-head q/k norm, RoPE scaling, tied embeddings, sliding window), which this module turns
+into explicit fields so the model code never reads raw JSON. Mamba2 and Granite-4.0-H-style
+hybrids (Mamba2 + attention layers) are parsed in model_config_hybrid.py into the same
+dataclass, with a `mamba` sub-config and per-layer `layer_kinds`.
 
 Both spellings of RoPE settings are accepted: the legacy top-level `rope_theta` + `rope_scaling`
 (transformers 4 and most checkpoints on the Hub) and transformers 5's `rope_parameters` dict.
@@ -19,11 +21,39 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Mamba2ForCausalLM": "mamba2",
+    "GraniteMoeHybridForCausalLM": "granitemoehybrid",
 }
+HYBRID_ARCHITECTURES = ("Mamba2ForCausalLM", "GraniteMoeHybridForCausalLM")
 _ARCH_BY_MODEL_TYPE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DEFAULT_ROPE_THETA = 10000.0
 _LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class MambaConfig:
+    """The Mamba2 mixer of every "mamba" layer (HF Mamba2Config / GraniteMoeHybrid mamba_* fields)."""
+
+    n_heads: int
+    head_dim: int
+    d_state: int
+    n_groups: int  # B and C are shared by n_heads // n_groups consecutive heads; also the gated-norm groups
+    d_conv: int  # causal conv kernel; the conv state keeps d_conv - 1 inputs
+    expand: int  # inner size = expand * hidden_size = n_heads * head_dim
+    chunk_size: int  # SSD chunk length of the prefill scan
+    conv_bias: bool = True
+    proj_bias: bool = False  # in_proj / out_proj bias
+    time_step_limit: tuple[float, float] = (0.0, float("inf"))  # dt is clamped to this range
+    norm_eps: float = 1e-5  # the gated RMSNorm inside the mixer
+
+    @property
+    def inner_size(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.inner_size + 2 * self.n_groups * self.d_state
 
 
 @dataclass
@@ -33,10 +63,11 @@ class ModelArchConfig:
     vocab_size: int
     hidden_size: int
     num_layers: int
+    # Attention shape; 0 for a model without attention layers (Mamba2).
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    intermediate_size: int
+    intermediate_size: int  # dense MLP (Granite: shared_intermediate_size); 0 when there is none
     rms_norm_eps: float = 1e-6
     rope_theta: float = _DEFAULT_ROPE_THETA
     rope_type: str = "default"
@@ -56,14 +87,29 @@ class ModelArchConfig:
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"
     dtype: str | None = None  # the checkpoint's stored dtype, informational
+    # Per layer: "attention" or "mamba" (the Llama family is all "attention"). For hybrids,
+    # layer_types says "full_attention" or "linear_attention" (transformers 5's name for Mamba).
+    layer_kinds: tuple[str, ...] = ()
+    mamba: MambaConfig | None = None  # set when any layer is "mamba"
+    # Granite multipliers: embeddings *= embedding_multiplier; each residual branch is scaled by
+    # residual_multiplier; attention_multiplier replaces head_dim**-0.5 as the softmax scale
+    # (None: the usual scale); logits are divided by logits_scaling.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
+    use_rope: bool = True  # Granite "nope": attention without positional embedding
+    residual_in_fp32: bool = False  # Mamba2: the residual stream is kept in float32
+
+    @property
+    def attention_scale(self) -> float:
+        return self.attention_multiplier if self.attention_multiplier is not None else self.head_dim**-0.5
 
     @property
     def max_model_len_limit(self) -> int:
-        """Longest context the engine can serve exactly. The engine has no sliding-window
-        attention yet; full attention equals SWA while every sequence fits in the window."""
-        if self.sliding_window is None:
-            return self.max_position_embeddings
-        return min(self.max_position_embeddings, self.sliding_window)
+        """Longest context the engine serves: sliding-window layers attend over their window
+        at any length, and Mamba layers have no length limit of their own."""
+        return self.max_position_embeddings
 
 
 def _read_json(path: str) -> dict:
@@ -181,6 +227,10 @@ def load_model_config(path: str) -> ModelArchConfig:
         raise ValueError(f"{src}: not found; a model directory needs a Hugging Face config.json")
     cfg = _read_json(src)
     arch, model_type = _architecture(cfg, src)
+    if arch in HYBRID_ARCHITECTURES:
+        from kvtier.engine.model_config_hybrid import parse_hybrid_config  # it imports this module
+
+        return parse_hybrid_config(cfg, arch, model_type, path, src)
 
     hidden = _int(cfg, "hidden_size", src)
     heads = _int(cfg, "num_attention_heads", src)
@@ -209,14 +259,7 @@ def load_model_config(path: str) -> ModelArchConfig:
     qkv_bias = True if model_type == "qwen2" else attn_bias
     o_bias = attn_bias if model_type in ("llama", "qwen3") else False
 
-    bos = _token_ids(cfg.get("bos_token_id"), "bos_token_id", src)
-    eos = _token_ids(cfg.get("eos_token_id"), "eos_token_id", src)
-    gen_src = os.path.join(path, "generation_config.json")
-    if os.path.isfile(gen_src):
-        gen = _read_json(gen_src)
-        bos = _token_ids(gen.get("bos_token_id"), "bos_token_id", gen_src) or bos
-        # Generation config lists the stop tokens the model was tuned with; keep both sets.
-        eos = _token_ids(gen.get("eos_token_id"), "eos_token_id", gen_src) + eos
+    bos, eos = special_token_ids(cfg, path, src)
     return ModelArchConfig(
         architecture=arch,
         model_type=model_type,
@@ -239,8 +282,22 @@ def load_model_config(path: str) -> ModelArchConfig:
         max_position_embeddings=max_pos,
         sliding_window=window,
         layer_types=layer_types,
-        bos_token_id=bos[0] if bos else None,
-        eos_token_ids=tuple(dict.fromkeys(eos)),
+        bos_token_id=bos,
+        eos_token_ids=eos,
         hidden_act="silu",
         dtype=cfg.get("dtype", cfg.get("torch_dtype")),
+        layer_kinds=("attention",) * num_layers,
     )
+
+
+def special_token_ids(cfg: dict, path: str, src: str) -> tuple[int | None, tuple[int, ...]]:
+    """(bos id, eos ids) from config.json, overridden/extended by generation_config.json."""
+    bos = _token_ids(cfg.get("bos_token_id"), "bos_token_id", src)
+    eos = _token_ids(cfg.get("eos_token_id"), "eos_token_id", src)
+    gen_src = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen_src):
+        gen = _read_json(gen_src)
+        bos = _token_ids(gen.get("bos_token_id"), "bos_token_id", gen_src) or bos
+        # Generation config lists the stop tokens the model was tuned with; keep both sets.
+        eos = _token_ids(gen.get("eos_token_id"), "eos_token_id", gen_src) + eos
+    return (bos[0] if bos else None), tuple(dict.fromkeys(eos))

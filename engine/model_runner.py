@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier.engine.attention_metadata import build_attention_metadata
+from kvtier.engine.attention.metadata import StepMetadata, build_attention_metadata
+from kvtier.engine.attention.ssm_metadata import SsmSeq, build_ssm_metadata
+from kvtier.engine.kv_cache.specs import KVGroup
 from kvtier.engine.sampler import Sampler
 from kvtier.engine.scheduler import SchedulerOutput
 
@@ -20,8 +22,10 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device, seed: int):
+    def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device, seed: int,
+                 groups: list[KVGroup]):
         self.model = model
+        self.groups = groups
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
@@ -33,18 +37,18 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> StepResult:
         token_ids: list[int] = []
         positions: list[int] = []
-        specs = []
+        views = []
         sample_rows: list[int] = []
         sample_seqs = []
         for seq in out.seqs:
             start, end = seq.num_computed, seq.num_computed + seq.num_new
             token_ids.extend(seq.request.token_ids_slice(start, end))
             positions.extend(range(start, end))
-            specs.append((seq.num_computed, seq.num_new, seq.block_ids))
+            views.append(seq.block_ids)
             if seq.samples:
                 sample_rows.append(len(token_ids) - 1)
                 sample_seqs.append(seq)
-        meta = build_attention_metadata(specs, self.block_size, self.device)
+        meta = self.build_metadata(out, views)
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, meta)
@@ -68,3 +72,20 @@ class ModelRunner:
                 ranked[token] = (row[token], result.ranks[i])
                 logprobs[rid] = ranked
         return StepResult(sampled, logprobs)
+
+    def build_metadata(self, out: SchedulerOutput, views: list[tuple]) -> StepMetadata:
+        """One metadata object per KV group, from each sequence's per-group view."""
+        groups = []
+        for g in self.groups:
+            if g.kind == "ssm":
+                seqs, q_start = [], 0
+                for seq, view in zip(out.seqs, views):
+                    init, live, checkpoints = view[g.index]
+                    seqs.append(SsmSeq(q_start, seq.num_new, init, live, checkpoints))
+                    q_start += seq.num_new
+                groups.append(build_ssm_metadata(seqs, self.device))
+            else:
+                specs = [(seq.num_computed, seq.num_new, view[g.index]) for seq, view in zip(out.seqs, views)]
+                window = g.spec.window if g.kind == "sliding" else None
+                groups.append(build_attention_metadata(specs, self.block_size, self.device, window=window))
+        return StepMetadata(groups)

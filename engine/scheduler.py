@@ -1,14 +1,16 @@
 """Continuous batching under a token budget, chunked prefill, preemption by recompute.
 
 Each step: running requests first (decodes and unfinished prompt chunks, FCFS order), then
-waiting requests by arrival while budget, sequence slots and KV blocks last. When the pool
-runs dry the latest-arrived running request is preempted: its blocks are freed (they keep
-their hashes, so re-admission usually hits the prefix cache, or the connector's tiers) and
-it waits again at the front.
+waiting requests by arrival while budget, sequence slots and KV blocks last. KV memory is
+asked of one coordinator that answers for every KV group (engine/kv_cache/coordinator.py):
+a step fits only if every group has room. When a pool runs dry the latest-arrived running
+request is preempted: its blocks are freed (they keep their hashes, so re-admission usually
+hits the prefix cache, or the connector's tiers) and it waits again at the front.
 
 With a connector, a waiting request whose prefix continues in a tier beyond the device hit
 gets blocks for it and parks in WAITING_FOR_KV while the worker side loads them; it runs
-from the first block that did not load intact. A request whose tier lookup is still in
+from the first block that did not load intact (a hybrid model: from its device resume
+point unless the whole load succeeded). A request whose tier lookup is still in
 flight (a remote store) is passed over until the connector answers; the rest go on.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from kvtier.connectors.base import ConnectorOutput, KVConnector
-from kvtier.engine.kv_cache_manager import KVCacheManager
+from kvtier.engine.kv_cache.coordinator import KVCacheCoordinator
 from kvtier.engine.request import Request, RequestStatus
 
 
@@ -27,7 +29,9 @@ class ScheduledSeq:
     request: Request
     num_computed: int  # tokens with KV before this step
     num_new: int  # tokens computed this step
-    block_ids: list[int]
+    # Per KV group: the block table of an attention group, (init slot, live slot,
+    # checkpoints) of an SSM group (KVCacheCoordinator.step_view).
+    block_ids: tuple
 
     @property
     def samples(self) -> bool:
@@ -48,7 +52,7 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(
         self,
-        kv: KVCacheManager,
+        kv: KVCacheCoordinator,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
@@ -61,7 +65,8 @@ class Scheduler:
         self.connector = connector
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.loading: dict[str, Request] = {}  # WAITING_FOR_KV
+        # WAITING_FOR_KV: request id -> (request, device resume point, resume point once loaded)
+        self.loading: dict[str, tuple[Request, int, int]] = {}
         self.held: dict[str, Request] = {}  # finished, blocks kept until the connector saved them
         self.num_preemptions = 0
         self.num_load_failures = 0  # blocks that failed to load and were recomputed
@@ -71,11 +76,9 @@ class Scheduler:
         n = request.num_prompt_tokens
         if n > self.max_model_len:
             return f"prompt has {n} tokens, more than max_model_len={self.max_model_len}"
-        if self.kv.blocks_needed(n) > self.kv.num_blocks:
-            return (
-                f"prompt has {n} tokens but the KV pool holds only "
-                f"{self.kv.num_blocks * self.kv.block_size}; raise kv_cache_memory_bytes"
-            )
+        error = self.kv.admission_error(n)
+        if error is not None:
+            return error
         self.kv.update_block_hashes(request)
         self.waiting.append(request)
         return None
@@ -90,7 +93,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while self.kv.allocate_slots(req, num_new) is None:
+            while not self.kv.allocate_slots(req, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -98,7 +101,8 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted itself; the loop bound shrank with `running`
-            out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id)))
+            out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new,
+                                         self.kv.step_view(req, req.num_computed_tokens)))
             budget -= num_new
             i += 1
 
@@ -110,26 +114,27 @@ class Scheduler:
         while (skipped < min(len(self.waiting), self.max_num_seqs) and budget > 0 and not out.preempted
                and self._num_active() < self.max_num_seqs):
             req = self.waiting[skipped]
-            hits, num_hit_tokens = self.kv.get_computed_blocks(req)
+            hit = self.kv.get_computed_blocks(req)
+            num_hit_tokens = hit.num_tokens
             num_external = self.connector.lookup(req, num_hit_tokens) if self.connector else 0
             if num_external is None:
                 skipped += 1
                 continue
             if num_external:
-                if self.kv.allocate_slots(req, 0, hits, num_external_tokens=num_external) is None:
+                if not self.kv.allocate_slots(req, 0, hit, num_external_tokens=num_external):
                     break
                 del self.waiting[skipped]
                 self._start_loading(req, num_hit_tokens, num_external)
                 continue
             num_new = min(req.num_tokens - num_hit_tokens, budget)
-            if self.kv.allocate_slots(req, num_new, hits) is None:
+            if not self.kv.allocate_slots(req, num_new, hit):
                 break
             del self.waiting[skipped]
             self._record_admission(req, num_hit_tokens, {})
             req.num_computed_tokens = num_hit_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.seqs.append(ScheduledSeq(req, num_hit_tokens, num_new, self.kv.block_ids(req.request_id)))
+            out.seqs.append(ScheduledSeq(req, num_hit_tokens, num_new, self.kv.step_view(req, num_hit_tokens)))
             budget -= num_new
         self._notify_connector()
         return out
@@ -150,34 +155,32 @@ class Scheduler:
     def _start_loading(self, req: Request, num_hit_tokens: int, num_external: int) -> None:
         req.num_computed_tokens = num_hit_tokens
         req.status = RequestStatus.WAITING_FOR_KV
-        self.loading[req.request_id] = req
-        first = num_hit_tokens // self.kv.block_size
-        self.connector.on_allocated(req, self.kv.block_ids(req.request_id)[first:], num_external)
+        self.loading[req.request_id] = (req, num_hit_tokens, num_hit_tokens + num_external)
+        block_ids = self.kv.load_block_ids(req, num_hit_tokens, num_hit_tokens + num_external)
+        self.connector.on_allocated(req, block_ids, num_external)
 
     def _notify_connector(self) -> None:
         """Hand the connector this step's newly computed and about-to-be-overwritten blocks
-        (recorded only when a connector exists: KVCacheManager.track_transfers)."""
+        (recorded only when a connector exists: the coordinator's track_transfers)."""
         if self.connector is None:
             return
-        evicted = self.kv.pool.take_evicted()
-        if evicted:
-            self.connector.blocks_evicted([b for b, _ in evicted], [h for _, h in evicted])
-        full = self.kv.take_newly_full()
-        if full:
-            self.connector.request_blocks_saved([b for b, _ in full], [h for _, h in full])
+        for group, block_ids, hashes in self.kv.take_evicted():
+            self.connector.blocks_evicted(block_ids, hashes, group)
+        for group, block_ids, hashes in self.kv.take_newly_full():
+            self.connector.request_blocks_saved(block_ids, hashes, group)
 
     def on_connector_output(self, output: ConnectorOutput) -> None:
         """Loads that ended: run each request from its first block that did not load intact."""
-        bs = self.kv.block_size
         for rid, result in output.finished_loads.items():
-            req = self.loading.pop(rid, None)
-            if req is None:
+            entry = self.loading.pop(rid, None)
+            if entry is None:
                 continue
+            req, device_tokens, resume_tokens = entry
             if req.is_finished:  # aborted while loading: its blocks were waiting for the load to end
                 self.kv.free(req)
                 continue
             self.num_load_failures += result.num_blocks - result.num_blocks_ok
-            req.num_computed_tokens += result.num_blocks_ok * bs
+            req.num_computed_tokens = self.kv.loaded_tokens(device_tokens, resume_tokens, result)
             self.kv.publish_loaded(req, req.num_computed_tokens)
             self._record_admission(req, req.num_computed_tokens, result.sources)
             req.status = RequestStatus.RUNNING
@@ -198,6 +201,7 @@ class Scheduler:
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance computed counts, append sampled tokens, run stop checks; return finished requests."""
         finished = []
+        self.kv.end_step()
         now = time.monotonic()
         for seq in out.seqs:
             req = seq.request
@@ -227,7 +231,8 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         if req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
-        if req.num_tokens > self.kv.num_blocks * self.kv.block_size:
+        limit = self.kv.max_seq_tokens
+        if limit is not None and req.num_tokens > limit:
             return RequestStatus.FINISHED_LENGTH  # the sequence alone would overflow the pool
         return None
 

@@ -1,6 +1,6 @@
 """Block keys: which model/tenant namespace, which chained prefix hash, which KV group.
 
-The chained hash already folds in the model fingerprint and cache_salt (engine/block_hash.py),
+The chained hash already folds in the model fingerprint and cache_salt (engine/kv_cache/block_hash.py),
 so two models or tenants never produce the same key; the namespace prefix additionally
 lets a store list, count or drop one model's blocks.
 """

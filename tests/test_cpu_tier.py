@@ -65,7 +65,7 @@ def test_lru_evicts_least_recent_get_refreshes_lookup_does_not():
 
 def test_capacity_rounds_down_to_whole_slots():
     t = CpuTier(3 * BLOCK + BLOCK // 2, LAYOUT)
-    assert t.num_slots == 3
+    assert t.allocated_bytes == 3 * BLOCK  # one layout: the slab is allocated up front
     t.put([key(i) for i in range(10)], [block(i) for i in range(10)])
     assert len(t) == 3 and t.stats().used_bytes == 3 * BLOCK <= t.capacity_bytes
     # A batch larger than the slab behaves like one put per block: the last ones stay.
@@ -195,7 +195,7 @@ def test_concurrent_put_get_keeps_data_intact():
             else:
                 ok, into = fetch(t, ids)
                 errors.extend(i for i, x, hit in zip(ids, into, ok) if hit and not torch.equal(x, block(i)))
-            if len(t) > t.num_slots:
+            if len(t) > 24:
                 errors.append("over capacity")
 
     threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
@@ -209,8 +209,8 @@ def test_concurrent_put_get_keeps_data_intact():
 
 def test_from_spec_builds_a_cpu_tier():
     t = build_tier("cpu:8KiB", LAYOUT)
-    assert isinstance(t, CpuTier) and t.num_slots == 8 and t.name == "cpu"
-    assert build_tier(parse_tier_spec("cpu:4KiB?pin=0"), LAYOUT).num_slots == 4
+    assert isinstance(t, CpuTier) and t.allocated_bytes == 8 * BLOCK and t.name == "cpu"
+    assert build_tier(parse_tier_spec("cpu:4KiB?pin=0"), [LAYOUT]).allocated_bytes == 4 * BLOCK
 
 
 @pytest.mark.parametrize(
@@ -236,7 +236,7 @@ def test_bad_specs_name_the_spec(spec, message):
 def test_cuda_pool_views_roundtrip_through_pinned_slab():
     pool = torch.stack([block(i) for i in range(4)]).cuda()  # page-first device pool
     t = tier(3)
-    assert t._slab.is_pinned()
+    assert t._view[0].is_pinned()
     t.put(keys := [key(i) for i in range(4)], list(pool.unbind(0)))  # block 0 is evicted
     pool.zero_()
     ok = t.get(keys, list(pool.unbind(0)))

@@ -76,3 +76,17 @@ def test_kv_server_uses_no_client_tier_privates():
     offenders = [f"{p.name}: {m}" for p in server.rglob("*.py") for m in _imported_modules(p)
                  if m.startswith("kvtier.kvstore.tiers.") and not m.endswith(("lmdb_store", "byte_store"))]
     assert offenders == []
+
+
+def test_pyproject_lists_every_package():
+    """A non-editable install ships only the packages pyproject names: a new folder must be listed."""
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for folder in (*FOLDERS, "kvtier"):
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join(("kvtier",) + (() if folder == "kvtier" else (folder,)) + rel))
+    assert found - listed == set()

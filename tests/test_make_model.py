@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier.engine.attention_metadata import build_attention_metadata
-from kvtier.engine.layers.paged_attention import bind_kv_cache
+from kvtier.engine.attention.metadata import StepMetadata, build_attention_metadata
+from kvtier.engine.kv_cache.binding import bind_kv_caches, model_groups
 from kvtier.engine.make_model import EOS_ID, build_byte_level_tokenizer, make_model, model_config
 from kvtier.engine.model_config import load_model_config
 from kvtier.engine.model_loader import load_model
@@ -18,8 +18,8 @@ def _our_logits(model, cfg, ids: list[int]) -> torch.Tensor:
     block = 16
     blocks = list(range(1, 1 + -(-len(ids) // block)))[::-1]
     pool = torch.zeros(len(blocks) + 1, cfg.num_layers, 2, block, cfg.num_kv_heads, cfg.head_dim)
-    bind_kv_cache(model, pool, "sdpa")
-    meta = build_attention_metadata([(0, len(ids), blocks)], block, torch.device("cpu"))
+    bind_kv_caches(model, model_groups(model), [pool], "sdpa")
+    meta = StepMetadata([build_attention_metadata([(0, len(ids), blocks)], block, torch.device("cpu"))])
     with torch.inference_mode():
         return model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)), meta))
 

@@ -186,7 +186,8 @@ def test_config_model_specific_switches(tmp_path):
             assert cfg.qk_norm and cfg.head_dim == 128 and cfg.sliding_window == 4096
             assert cfg.layer_types == ("full_attention", "sliding_attention")
         if name == "mistral":
-            assert cfg.sliding_window == 4096 and cfg.max_model_len_limit == 4096
+            # Real sliding-window attention: the window no longer caps the context.
+            assert cfg.sliding_window == 4096 and cfg.max_model_len_limit == cfg.max_position_embeddings > 4096
 
 
 def test_tokenizer_absent_and_corrupt(copy):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hf_checkpoints import VARIANTS, load_hf_model, make_variant
-from kvtier.engine.attention_metadata import build_attention_metadata
-from kvtier.engine.layers.paged_attention import bind_kv_cache
+from kvtier.engine.attention.metadata import StepMetadata, build_attention_metadata
+from kvtier.engine.kv_cache.binding import bind_kv_caches, model_groups
 from kvtier.engine.model_loader import load_model
 
 
@@ -58,7 +58,7 @@ def run_schedule(model, cfg, seqs, schedule, backend: str) -> tuple[list[torch.T
         tables.append(order[start : start + n])
         start += n
     pool = torch.zeros(num_blocks, cfg.num_layers, 2, BLOCK, cfg.num_kv_heads, cfg.head_dim)
-    bind_kv_cache(model, pool, backend)
+    bind_kv_caches(model, model_groups(model), [pool], backend)
     done = [0] * len(seqs)
     used_decode_batch = False
     out: list[list[torch.Tensor]] = [[] for _ in seqs]
@@ -70,6 +70,7 @@ def run_schedule(model, cfg, seqs, schedule, backend: str) -> tuple[list[torch.T
             specs.append((done[i], n, tables[i]))
         meta = build_attention_metadata(specs, BLOCK, torch.device("cpu"))
         used_decode_batch |= bool(meta.decodes)
+        meta = StepMetadata([meta])
         with torch.inference_mode():
             logits = model.compute_logits(model(torch.cat(ids), torch.cat(pos), meta))
         row = 0

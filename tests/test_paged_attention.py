@@ -4,8 +4,8 @@ import random
 
 import torch
 
-from kvtier.engine.attention_metadata import build_attention_metadata
-from kvtier.engine.layers.paged_attention import reference_attention, sdpa_attention, write_kv
+from kvtier.engine.attention.metadata import build_attention_metadata
+from kvtier.engine.attention.paged_attention import reference_attention, sdpa_attention, write_kv
 
 BS, HEADS, KV_HEADS, HD = 16, 8, 2, 32
 
@@ -42,7 +42,7 @@ def test_sdpa_matches_reference_with_bucketed_decodes():
 
 
 def test_buckets_partition_decodes_and_bound_padding():
-    from kvtier.engine.attention_metadata import SeqAttention, bucket_by_length
+    from kvtier.engine.attention.metadata import SeqAttention, bucket_by_length
 
     rng = random.Random(1)
     seqs = [SeqAttention(i, 1, 0, torch.zeros(rng.randint(1, 200))) for i in range(64)]

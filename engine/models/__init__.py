@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from kvtier.engine.models.granite_hybrid import GraniteMoeHybridForCausalLM
 from kvtier.engine.models.llama import LlamaForCausalLM
+from kvtier.engine.models.mamba2 import Mamba2ForCausalLM
 
 # Mistral, Qwen2 and Qwen3 are Llama with switches read from ModelArchConfig.
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -11,6 +13,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Mamba2ForCausalLM": Mamba2ForCausalLM,
+    "GraniteMoeHybridForCausalLM": GraniteMoeHybridForCausalLM,  # dense (no experts) only
 }
 
 

@@ -2,7 +2,7 @@
 
 The model runs a flat batch: the new tokens of many sequences concatenated into `[T]`, with
 their absolute positions; attention finds each sequence's slice and KV blocks in the
-`AttentionMetadata`. q/k/v and gate/up are fused projections (one matmul each); the loader
+`StepMetadata`. q/k/v and gate/up are fused projections (one matmul each); the loader
 maps Hugging Face's separate tensors onto their row ranges.
 """
 from __future__ import annotations
@@ -13,12 +13,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kvtier.engine.attention_metadata import AttentionMetadata
+from kvtier.engine.attention.metadata import StepMetadata
 from kvtier.engine.layers.activation import SiluAndMul
 from kvtier.engine.layers.embedding import LMHead, VocabEmbedding
 from kvtier.engine.layers.linear import Linear
 from kvtier.engine.layers.norm import RMSNorm
-from kvtier.engine.layers.paged_attention import PagedAttention
+from kvtier.engine.attention.paged_attention import PagedAttention
+from kvtier.engine.kv_cache.specs import FullAttentionSpec, LayerKVSpec, SlidingWindowSpec
 from kvtier.engine.layers.rotary import RotaryEmbedding, apply_rotary
 from kvtier.engine.model_config import ModelArchConfig
 
@@ -36,9 +37,11 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer_idx, cfg.head_dim**-0.5)
+        sliding = cfg.layer_types[layer_idx] == "sliding_attention"
+        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, layer_idx, cfg.head_dim**-0.5,
+                                   window=cfg.sliding_window if sliding else None)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
@@ -70,7 +73,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -85,13 +88,20 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, self.embed_tokens if cfg.tie_word_embeddings else None)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden_size] (after the norm)."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, meta)
         return self.norm(h)
+
+    def kv_specs(self) -> list[LayerKVSpec]:
+        """One KV spec per layer: full attention, or a sliding window where the config says so."""
+        c = self.cfg
+        full = FullAttentionSpec(c.num_kv_heads, c.head_dim)
+        sliding = SlidingWindowSpec(c.num_kv_heads, c.head_dim, c.sliding_window) if c.sliding_window else None
+        return [sliding if t == "sliding_attention" else full for t in c.layer_types]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden_size] (e.g. each sequence's last row) -> float32 logits [S, vocab]."""

@@ -126,7 +126,7 @@ class GrpcTier(ByteStoreTier):
         self._pool = ThreadPoolExecutor(len(servers), "kvtier-grpc") if len(servers) > 1 else None
 
     @classmethod
-    def from_spec(cls, spec, layout=None) -> "GrpcTier":
+    def from_spec(cls, spec, layouts=None) -> "GrpcTier":
         spec.check_options(_OPTIONS)
         hosts = spec.target.split("://", 1)[-1].split(",")
         for host in hosts:

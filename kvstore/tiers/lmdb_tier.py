@@ -65,7 +65,7 @@ class LmdbTier(ByteStoreTier):
         self._seen_lock = threading.Lock()
 
     @classmethod
-    def from_spec(cls, spec, layout=None) -> "LmdbTier":
+    def from_spec(cls, spec, layouts=None) -> "LmdbTier":
         spec.check_options(_OPTIONS)
         return cls(
             spec.target,

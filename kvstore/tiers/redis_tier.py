@@ -151,7 +151,7 @@ class RedisTier(ByteStoreTier):
         self._closed = False
 
     @classmethod
-    def from_spec(cls, spec, layout=None) -> "RedisTier":
+    def from_spec(cls, spec, layouts=None) -> "RedisTier":
         if "async" in spec.options:
             raise ValueError(f"tier spec {spec.text!r}: option async was removed: the tier hierarchy "
                              "writes every redis tier on its own writer thread (bound it with queue=SIZE)")

@@ -6,11 +6,13 @@
     grpc://host1:port,host2:port?token_file=F&tls=1
 
 Each scheme maps to a tier class (imported lazily, so a missing optional dependency only
-matters to those who use that tier) with `from_spec(spec, block_layout)`.
+matters to those who use that tier) with `from_spec(spec, layouts)`: the block layouts of the
+KV groups, which a memory tier sizes its slots by and a byte tier ignores.
 """
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
@@ -129,9 +131,12 @@ def parse_tier_spec(text: str) -> TierSpec:
     return TierSpec(text=text, scheme=scheme, target=base, size=size, options=options)
 
 
-def build_tier(spec: TierSpec | str, layout: BlockLayout):
+def build_tier(spec: TierSpec | str, layouts: Sequence[BlockLayout] | BlockLayout):
+    """The tier for `spec`, serving blocks of `layouts` (one per KV group; a single
+    BlockLayout is accepted for one group)."""
     if isinstance(spec, str):
         spec = parse_tier_spec(spec)
+    layouts = (layouts,) if isinstance(layouts, BlockLayout) else tuple(layouts)
     module_name, _, cls_name = _TIER_CLASSES[spec.scheme].partition(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls.from_spec(spec, layout)
+    return cls.from_spec(spec, layouts)

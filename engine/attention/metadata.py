@@ -1,8 +1,13 @@
 """Per-step attention metadata: where each new token's KV goes and what each sequence reads.
 
-The model runner builds one `AttentionMetadata` per step from the scheduler's block tables;
-every attention layer of the model reads the same object (it is passed down through
-`forward`, never stored in a global).
+The model runner builds one `StepMetadata` per step: one entry per KV group
+(engine/kv_cache/specs.py), an `AttentionMetadata` for attention groups and an `SsmMetadata`
+(attention/ssm_metadata.py) for state-space groups. Every layer reads its own group's entry;
+the object is passed down through `forward`, never stored in a global.
+
+A sliding-window group only reads the blocks inside the window: its block tables start at
+the first block the step's earliest query still sees (`key_start`), since blocks before it
+may already be freed.
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ class SeqAttention:
     q_start: int  # first row of this sequence in the flat batch
     q_len: int  # new tokens computed this step
     ctx_len: int  # tokens with KV after this step (cached prefix + new tokens)
-    block_table: torch.Tensor  # [ceil(ctx_len / block_size)] block ids, on the device
+    block_table: torch.Tensor  # block ids covering keys [key_start, ctx_len), on the device
+    key_start: int = 0  # position of the first key in block_table (block-aligned)
 
 
 @dataclass
@@ -27,7 +33,7 @@ class DecodeBatch:
 
     rows: torch.Tensor  # [B] rows of the flat batch
     block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
-    valid: torch.Tensor  # [B, 1, 1, max_blocks * block_size] bool: key j is inside the context
+    valid: torch.Tensor  # [B, 1, 1, max_blocks * block_size] bool: key j is visible to the query
 
 
 @dataclass
@@ -38,6 +44,14 @@ class AttentionMetadata:
     decodes: list[DecodeBatch]  # single-token sequences, bucketed by context length
     prefill_seqs: list[SeqAttention]  # seqs not covered by `decodes`
     block_size: int
+    window: int | None = None  # sliding window of this group's layers, None = full attention
+
+
+@dataclass
+class StepMetadata:
+    """What the model's forward receives: one metadata object per KV group."""
+
+    groups: list  # AttentionMetadata | SsmMetadata, indexed by group
 
 
 def build_attention_metadata(
@@ -45,8 +59,11 @@ def build_attention_metadata(
     block_size: int,
     device: torch.device,
     batch_decodes: bool = True,
+    window: int | None = None,
 ) -> AttentionMetadata:
-    """seq_specs: per sequence (num_computed_before, num_new_tokens, block_ids), in batch order."""
+    """seq_specs: per sequence (num_computed_before, num_new_tokens, block_ids), in batch order.
+    block_ids is the sequence's whole table (for a sliding group, entries before the window
+    may be stale or -1: they are never read)."""
     slot_blocks: list[int] = []
     slot_offsets: list[int] = []
     seqs: list[SeqAttention] = []
@@ -56,11 +73,15 @@ def build_attention_metadata(
         needed = -(-ctx_len // block_size)
         if needed > len(block_ids):
             raise RuntimeError(f"block table holds {len(block_ids)} blocks but {needed} are needed")
+        first = 0 if window is None else max(0, num_computed - window + 1) // block_size
         for pos in range(num_computed, ctx_len):
             slot_blocks.append(block_ids[pos // block_size])
             slot_offsets.append(pos % block_size)
-        table = torch.tensor(block_ids[:needed], dtype=torch.long, device=device)
-        seqs.append(SeqAttention(q_start, num_new, ctx_len, table))
+        visible = block_ids[first:needed]
+        if window is not None and min(visible, default=0) < 0:
+            raise RuntimeError(f"sliding block table has a freed block inside the window: {visible}")
+        table = torch.tensor(visible, dtype=torch.long, device=device)
+        seqs.append(SeqAttention(q_start, num_new, ctx_len, table, first * block_size))
         q_start += num_new
 
     decodes = []
@@ -69,7 +90,7 @@ def build_attention_metadata(
         decode_seqs = [s for s in seqs if s.q_len == 1]
         if len(decode_seqs) > 1:
             prefill_seqs = [s for s in seqs if s.q_len != 1]
-            decodes = [_build_decode_batch(b, block_size, device) for b in bucket_by_length(decode_seqs)]
+            decodes = [_build_decode_batch(b, block_size, device, window) for b in bucket_by_length(decode_seqs)]
     return AttentionMetadata(
         slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=device),
         slot_offsets=torch.tensor(slot_offsets, dtype=torch.long, device=device),
@@ -77,6 +98,7 @@ def build_attention_metadata(
         decodes=decodes,
         prefill_seqs=prefill_seqs,
         block_size=block_size,
+        window=window,
     )
 
 
@@ -98,13 +120,18 @@ def bucket_by_length(seqs: list[SeqAttention]) -> list[list[SeqAttention]]:
     return buckets
 
 
-def _build_decode_batch(seqs: list[SeqAttention], block_size: int, device: torch.device) -> DecodeBatch:
+def _build_decode_batch(
+    seqs: list[SeqAttention], block_size: int, device: torch.device, window: int | None
+) -> DecodeBatch:
     max_blocks = max(len(s.block_table) for s in seqs)
     tables = torch.zeros(len(seqs), max_blocks, dtype=torch.long, device=device)
     for i, s in enumerate(seqs):
         tables[i, : len(s.block_table)] = s.block_table
-    ctx = torch.tensor([s.ctx_len for s in seqs], device=device)
+    # Key j of row i sits at absolute position key_start_i + j; the query is at ctx - 1.
+    end = torch.tensor([s.ctx_len - s.key_start for s in seqs], device=device)
     key_pos = torch.arange(max_blocks * block_size, device=device)
-    valid = (key_pos[None, :] < ctx[:, None])[:, None, None, :]
+    valid = key_pos[None, :] < end[:, None]
+    if window is not None:
+        valid &= key_pos[None, :] >= (end - window)[:, None]
     rows = torch.tensor([s.q_start for s in seqs], dtype=torch.long, device=device)
-    return DecodeBatch(rows=rows, block_tables=tables, valid=valid)
+    return DecodeBatch(rows=rows, block_tables=tables, valid=valid[:, None, None, :])

@@ -1,7 +1,9 @@
 """Paged attention over the page-first KV pool.
 
-Pool layout (docs/architecture.md §3): `[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`;
-a layer sees its view `kv[:, layer]` of shape `[num_blocks, 2, block_size, kv_heads, head_dim]`.
+Pool layout (docs/architecture.md §3): one pool per KV group,
+`[num_blocks, layers_in_group, 2, block_size, num_kv_heads, head_dim]`; a layer sees its view
+`kv[:, index_in_group]` of shape `[num_blocks, 2, block_size, kv_heads, head_dim]`. A layer
+with a sliding window masks keys that left it (a query at p sees keys in (p - window, p]).
 
 Two implementations share one interface:
 - `reference_attention`: per sequence, gather by block table, explicit causal mask with
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvtier.engine.attention_metadata import AttentionMetadata, SeqAttention
+from kvtier.engine.attention.metadata import AttentionMetadata, SeqAttention, StepMetadata
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -24,19 +26,26 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
 
 
 def gather_kv(kv_layer: torch.Tensor, seq: SeqAttention) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of one sequence's whole context, `[ctx_len, kv_heads, head_dim]` each.
+    """K and V of the keys [key_start, ctx_len) of one sequence, `[n, kv_heads, head_dim]` each.
 
     K and V are gathered separately through strided views, so each is copied exactly once.
     """
-    k = kv_layer[:, 0][seq.block_table].flatten(0, 1)[: seq.ctx_len]
-    v = kv_layer[:, 1][seq.block_table].flatten(0, 1)[: seq.ctx_len]
+    n = seq.ctx_len - seq.key_start
+    k = kv_layer[:, 0][seq.block_table].flatten(0, 1)[:n]
+    v = kv_layer[:, 1][seq.block_table].flatten(0, 1)[:n]
     return k, v
 
 
-def _causal_mask(q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor:
-    """True where query i (absolute position ctx_len - q_len + i) may see key j."""
-    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)
-    return torch.arange(ctx_len, device=device)[None, :] <= q_pos[:, None]
+def _causal_mask(q_len: int, ctx_len: int, device: torch.device, key_start: int = 0,
+                 window: int | None = None) -> torch.Tensor:
+    """True where query i (absolute position ctx_len - q_len + i) may see key j (absolute
+    position key_start + j): causal, and inside the window when there is one."""
+    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)[:, None]
+    k_pos = torch.arange(key_start, ctx_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
 
 
 def reference_attention(
@@ -52,7 +61,7 @@ def reference_attention(
         v = v.float().repeat_interleave(group, dim=1)
         qs = q[seq.q_start : seq.q_start + seq.q_len].float()
         scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
-        mask = _causal_mask(seq.q_len, seq.ctx_len, q.device)
+        mask = _causal_mask(seq.q_len, seq.ctx_len, q.device, seq.key_start, meta.window)
         scores = scores.masked_fill(~mask[None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[seq.q_start : seq.q_start + seq.q_len] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
@@ -75,13 +84,17 @@ def sdpa_attention(
     for seq in meta.prefill_seqs:
         rows = slice(seq.q_start, seq.q_start + seq.q_len)
         qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, q, d]
-        if seq.q_len == seq.ctx_len:  # whole context is new: no pool read, plain causal
+        if seq.q_len == seq.ctx_len:  # whole context is new: no pool read
             ks, vs = k[rows], v[rows]
-            mask, causal = None, True
+            if meta.window is None or seq.ctx_len <= meta.window:
+                mask, causal = None, True
+            else:
+                mask, causal = _causal_mask(seq.q_len, seq.ctx_len, q.device, 0, meta.window), False
         else:
             kv = gather_rows(kv_rows, seq.block_table, layer_idx, num_layers).view(2, -1, *k.shape[1:])
-            ks, vs = kv[0, : seq.ctx_len], kv[1, : seq.ctx_len]
-            mask, causal = _causal_mask(seq.q_len, seq.ctx_len, q.device), False
+            n = seq.ctx_len - seq.key_start
+            ks, vs = kv[0, :n], kv[1, :n]
+            mask, causal = _causal_mask(seq.q_len, seq.ctx_len, q.device, seq.key_start, meta.window), False
         o = F.scaled_dot_product_attention(
             qs,
             ks.to(q.dtype).transpose(0, 1).unsqueeze(0),
@@ -124,8 +137,12 @@ def _batched_decode(q: torch.Tensor, kv: torch.Tensor, kvh: int, d, scale: float
 class PagedAttention(torch.nn.Module):
     """Attention for one layer: writes this step's K/V into the pool, then attends."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int, scale: float,
+                 window: int | None = None):
         super().__init__()
+        self.window = window
+        self.group = 0  # KV group, set by bind_cache
+        self.index_in_group = layer_idx
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -135,22 +152,20 @@ class PagedAttention(torch.nn.Module):
         self.kv_pool: torch.Tensor | None = None  # the whole page-first pool, bound by the engine
         self.kv_layer: torch.Tensor | None = None  # this layer's view of it
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def bind_cache(self, pool: torch.Tensor, group: int, index_in_group: int, backend: str) -> None:
+        """Attach this layer to its group's pool (engine/kv_cache/binding.py)."""
+        self.kv_pool = pool
+        self.kv_layer = pool[:, index_in_group]
+        self.group = group
+        self.index_in_group = index_in_group
+        self.backend = backend
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepMetadata) -> torch.Tensor:
         """q: [T, heads, d]; k, v: [T, kv_heads, d] -> [T, heads, d]."""
         if self.kv_layer is None:
-            raise RuntimeError("KV cache is not bound; call bind_kv_cache() before forward()")
+            raise RuntimeError("KV cache is not bound; call bind_kv_caches() before forward()")
+        meta: AttentionMetadata = step.groups[self.group]
         write_kv(self.kv_layer, k, v, meta)
         if self.backend == "reference":
             return reference_attention(q, self.kv_layer, meta, self.scale)
-        return sdpa_attention(q, k, v, self.kv_pool, self.layer_idx, meta, self.scale)
-
-
-def bind_kv_cache(model: torch.nn.Module, kv_pool: torch.Tensor, backend: str) -> None:
-    """Give every PagedAttention its layer view of the page-first pool."""
-    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
-    if len(layers) != kv_pool.shape[1]:
-        raise ValueError(f"pool has {kv_pool.shape[1]} layers but the model has {len(layers)}")
-    for m in layers:
-        m.kv_pool = kv_pool
-        m.kv_layer = kv_pool[:, m.layer_idx]
-        m.backend = backend
+        return sdpa_attention(q, k, v, self.kv_pool, self.index_in_group, meta, self.scale)
