@@ -111,6 +111,15 @@ def granite_section(args, tmp: str) -> dict:
     from kvtier.engine.make_model import make_model
 
     path = make_model(os.path.join(tmp, "granite"), arch="granite-hybrid", size=args.granite_size, seed=0)
+    # A device pool of `granite_blocks` attention blocks and `granite_slots` state slots:
+    # too small for every conversation, so older ones leave the device between turns.
+    with LLM(path, max_num_seqs=args.users, max_model_len=2048) as probe:
+        sizes = {g.kind: p[0].numel() * p.element_size() for g, p in zip(probe.engine.groups, probe.engine.kv_pools)}
+        kinds = [g.kind for g in probe.engine.groups]
+    want = {"full": args.granite_blocks * sizes["full"], "ssm": args.granite_slots * sizes["ssm"]}
+    pool = sum(want.values())
+    sizing = dict(max_num_seqs=args.users, max_model_len=2048, kv_cache_memory_bytes=pool,
+                  kv_group_memory_fractions=[want[k] / pool for k in kinds])
     rows = {}
     configs = {
         "no_tier": dict(),
@@ -119,13 +128,14 @@ def granite_section(args, tmp: str) -> dict:
         "cpu_tier_last_boundary": dict(kv_tiers=["cpu:2GiB"], ssm_checkpoint_policy="last-boundary"),
     }
     for name, extra in configs.items():
-        with LLM(path, kv_cache_memory_bytes=args.granite_pool, **extra) as llm:
+        with LLM(path, **sizing, **extra) as llm:
             rows[name] = _chat_rounds(llm, args)
     base = rows["no_tier"]["ttft_ms_mean"]
     for row in rows.values():
         row["ttft_over_no_tier"] = round(row["ttft_ms_mean"] / base, 3)
     return {"model": f"granite-hybrid {args.granite_size}", "users": args.users, "turns": args.turns,
-            "system_prompt_tokens": args.system_tokens, "device_pool_bytes": args.granite_pool, **rows}
+            "system_prompt_tokens": args.system_tokens, "device_pool": {"attention_blocks": args.granite_blocks,
+                                                                        "state_slots": args.granite_slots}, **rows}
 
 
 # ---- dense throughput before / after -------------------------------------------------------
@@ -190,7 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sliding-requests", type=int, default=40)
     ap.add_argument("--decode-tokens", type=int, default=512, help="tokens each sliding-section request decodes")
     ap.add_argument("--granite-size", default="small", choices=["tiny", "small"])
-    ap.add_argument("--granite-pool", type=int, default=8 << 20, help="device KV bytes for the granite section")
+    ap.add_argument("--granite-blocks", type=int, default=100, help="device attention blocks, granite section")
+    ap.add_argument("--granite-slots", type=int, default=12, help="device SSM state slots, granite section")
     ap.add_argument("--users", type=int, default=6)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--system-tokens", type=int, default=256)

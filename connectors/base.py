@@ -165,9 +165,11 @@ class KVConnector:
     def save(self, meta: ConnectorMetadata) -> None:
         pass
 
-    def get_finished(self, wait: bool = False) -> ConnectorOutput:
-        """Completed loads/saves; with wait=True (the engine has nothing to compute) first
-        wait, briefly (the loop steps again soon after), for a pending load or lookup to end."""
+    def get_finished(self, wait: bool | float = False) -> ConnectorOutput:
+        """Completed loads/saves. wait=True (the engine has nothing to compute): first wait,
+        briefly (the loop steps again soon after), for a pending load or lookup to end.
+        wait=<seconds>: wait at most that long for loads started this step, so loads from
+        fast tiers join the step that started them (the engine asks with a few ms)."""
         return ConnectorOutput()
 
     def stats(self) -> dict[str, dict]:

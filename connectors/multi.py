@@ -83,7 +83,7 @@ class MultiConnector(KVConnector):
         for child, m in zip(self.children, meta.per_child):
             child.save(m)
 
-    def get_finished(self, wait: bool = False) -> ConnectorOutput:
+    def get_finished(self, wait: bool | float = False) -> ConnectorOutput:
         merged = ConnectorOutput()
         # Only one child loads any given request, so waiting on each in turn is bounded.
         for child in self.children:

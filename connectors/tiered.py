@@ -236,11 +236,13 @@ class TieredConnector(KVConnector):
             blocks = list(pool.index_select(0, index).cpu().unbind(0))
         self.hierarchy.store(spec.keys, blocks)
 
-    def get_finished(self, wait: bool = False) -> ConnectorOutput:
-        if wait:  # the engine has nothing to compute: wait for a load or a lookup to end
+    def get_finished(self, wait: bool | float = False) -> ConnectorOutput:
+        if wait is True:  # the engine has nothing to compute: wait for a load or a lookup to end
             pending = [f for f, _ in self._loads.values()] + self._remote.pending()
             if pending:
                 cf.wait(pending, timeout=IDLE_WAIT_S, return_when=cf.FIRST_COMPLETED)
+        elif wait and self._loads:  # loads of this step, from fast tiers, may join it
+            cf.wait([f for f, _ in self._loads.values()], timeout=float(wait))
         out = ConnectorOutput()
         for rid in [r for r, (f, _) in self._loads.items() if f.done()]:
             future, num_blocks = self._loads.pop(rid)

@@ -29,6 +29,8 @@ from kvtier.engine.scheduler import Scheduler
 from kvtier.engine.tokenizer import load_tokenizer
 from kvtier.kvstore.tiers.spec import BlockLayout
 
+# How long a step waits for loads it started, so loads from fast tiers join it.
+JOIN_WAIT_S = 0.002
 KV_LAYOUT = "page-first-v1"  # per group: [blocks, layers, 2, block_size, kv_heads, head_dim] | [slots, layers, state]
 
 
@@ -147,14 +149,17 @@ class Engine:
             self.scheduler.on_connector_output(connector.get_finished())
         if self.scheduler.has_unfinished():
             sched_out = self.scheduler.schedule()
-            meta = connector.build_metadata() if connector is not None else None
+            metas = []
             if connector is not None:
-                connector.start_load(meta)
+                metas.append(connector.build_metadata())
+                connector.start_load(metas[0])
+                if self.scheduler.loading:
+                    metas += self._join_fast_loads(sched_out)
             if sched_out.seqs:
                 start = time.perf_counter()
                 result = self.runner.execute(sched_out)
                 self.prefill_speed.observe(sched_out.num_tokens, time.perf_counter() - start)
-                if connector is not None:
+                for meta in metas:
                     connector.save(meta)
                 done += self._apply(sched_out, result)
             elif connector is not None and (self.scheduler.loading or self.scheduler.waiting):
@@ -166,6 +171,17 @@ class Engine:
             del self.requests[req.request_id]
             outputs.append(self.outputs.build(req))
         return outputs
+
+    def _join_fast_loads(self, sched_out) -> list:
+        """Loads that land within JOIN_WAIT_S (host memory, a local disk) run in this step
+        instead of the next, so a request served from a fast tier keeps pace with the
+        requests admitted beside it. Returns the extra connector metadata it needed."""
+        self.scheduler.on_connector_output(self.connector.get_finished(wait=JOIN_WAIT_S))
+        if not self.scheduler.join_running(sched_out):
+            return []
+        meta = self.connector.build_metadata()  # blocks the joined requests evict or fill
+        self.connector.start_load(meta)
+        return [meta]
 
     def _apply(self, sched_out, result) -> list[Request]:
         for rid, lp in result.logprobs.items():

@@ -139,6 +139,28 @@ class Scheduler:
         self._notify_connector()
         return out
 
+    def join_running(self, out: SchedulerOutput) -> bool:
+        """Add running requests the step does not cover yet (loads that just landed) while
+        its token budget and the pool allow, without preempting anyone; True if any joined."""
+        scheduled = {id(s.request) for s in out.seqs}
+        budget = self.max_num_batched_tokens - out.num_tokens
+        joined = False
+        for req in self.running:
+            if budget <= 0:
+                break
+            if id(req) in scheduled:
+                continue
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(req, num_new):
+                continue
+            out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new,
+                                         self.kv.step_view(req, req.num_computed_tokens)))
+            budget -= num_new
+            joined = True
+        if joined:
+            self._notify_connector()
+        return joined
+
     def _num_active(self) -> int:
         return len(self.running) + len(self.loading)
 

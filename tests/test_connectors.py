@@ -303,3 +303,18 @@ def test_a_crashed_load_is_logged_counted_and_recomputed(model, monkeypatch, cap
     assert stats["device"]["load_failures"] > 0, "the blocks of a crashed load are load failures"
     logged = [r for r in caplog.records if "injected load crash" in r.getMessage()]
     assert len(logged) == 1, "logged once, then rate-limited"
+
+
+def test_a_load_from_a_fast_tier_runs_in_the_step_that_started_it(model, monkeypatch):
+    from kvtier.engine import engine_core
+
+    # The mechanism, not the timing: a generous wait so a busy machine cannot make it flaky.
+    monkeypatch.setattr(engine_core, "JOIN_WAIT_S", 1.0)
+    prompt = _prompts(model["prompts"][-1:])
+    with LLM(model["path"], kv_tiers=["cpu:64MiB"]) as llm:
+        llm.generate(prompt, PARAMS, use_tqdm=False)
+        assert llm.engine.kv.reset_prefix_cache()  # only the CPU tier holds the prefix now
+        req = llm.engine.add_request(prompt[0], PARAMS)
+        llm.engine.step()
+        assert req.kv_sources.get("cpu", 0) > 0
+        assert len(req.output_token_ids) == 1, "the loaded request computed its first token in the same step"
