@@ -76,9 +76,11 @@ def sliding_section(args, tmp: str) -> dict:
     per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
     budget = args.full_fit * (context + args.decode_tokens) * per_token
     with_window = _peak_running(sliding, budget, context, args.sliding_requests, args.decode_tokens)
-    as_full = _peak_running(full, budget, context, args.sliding_requests, args.decode_tokens)
+    # Full attention cannot run more than full_fit at once: a few more requests show it.
+    as_full = _peak_running(full, budget, context, min(args.sliding_requests, 3 * args.full_fit), args.decode_tokens)
     return {"context_tokens": context, "window": window, "kv_budget_bytes": budget,
-            "requests": args.sliding_requests, "window_freeing": with_window, "all_full_attention": as_full,
+            "requests": args.sliding_requests, "window_freeing": with_window,
+            "all_full_attention": {**as_full, "requests": min(args.sliding_requests, 3 * args.full_fit)},
             "concurrency_ratio": round(with_window["peak_running"] / max(1, as_full["peak_running"]), 2),
             "context_over_window": round(context / window, 1)}
 
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="sliding,granite,dense")
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--full-fit", type=int, default=2, help="contexts of full-attention KV in the sliding budget")
-    ap.add_argument("--sliding-requests", type=int, default=40)
+    ap.add_argument("--sliding-requests", type=int, default=80)
     ap.add_argument("--decode-tokens", type=int, default=512, help="tokens each sliding-section request decodes")
     ap.add_argument("--granite-size", default="small", choices=["tiny", "small"])
     ap.add_argument("--granite-blocks", type=int, default=100, help="device attention blocks, granite section")

@@ -32,6 +32,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     h.add_argument("--ssm-checkpoint-interval", type=int, default=None, metavar="TOKENS",
                    help="tokens between SSM state checkpoints, a multiple of --block-size")
     h.add_argument("--ssm-checkpoint-policy", choices=["auto", "last-boundary"], default="auto")
+    k = p.add_argument_group("tool-call parking")
+    k.add_argument("--park-policy", choices=["keep", "offload", "discard", "auto"], default="auto",
+                   help="how parked requests keep their KV (default: auto, by expected cost)")
+    k.add_argument("--max-parked-fraction", type=float, default=0.5,
+                   help="most of the device KV memory parked requests may pin")
     t = p.add_argument_group("KV tiers")
     t.add_argument(
         "--kv-tier",
@@ -84,6 +89,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_group_memory_fractions=args.kv_group_memory_fractions,
         ssm_checkpoint_interval=args.ssm_checkpoint_interval,
         ssm_checkpoint_policy=args.ssm_checkpoint_policy,
+        park_policy=args.park_policy,
+        max_parked_fraction=args.max_parked_fraction,
     )
 
 

@@ -86,6 +86,10 @@ class EngineConfig:
     # "auto": checkpoints at prompt ends, every interval and at branch points; "last-boundary":
     # at prompt ends only (what a one-checkpoint-per-request engine keeps; for comparison).
     ssm_checkpoint_policy: str = "auto"
+    # Requests that park at a tool call (SamplingParams(park=...)): keep, offload, discard
+    # or auto (by expected cost), and the most of the device KV memory parked requests may pin.
+    park_policy: str = "auto"
+    max_parked_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -104,7 +108,17 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "reference", "sdpa"):
             raise ValueError(f"attention_backend: unknown {self.attention_backend!r}; use auto, sdpa or reference")
         self._validate_groups()
+        self._validate_parking()
         self._validate_connector()
+
+    def _validate_parking(self) -> None:
+        from kvtier.engine.parking.policy import POLICIES
+
+        if self.park_policy not in POLICIES:
+            raise ValueError(f"park_policy: unknown {self.park_policy!r}; choose one of {', '.join(POLICIES)}")
+        f = self.max_parked_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            raise ValueError(f"max_parked_fraction: must be a number in [0, 1], got {f!r}")
 
     def _validate_groups(self) -> None:
         fractions = self.kv_group_memory_fractions

@@ -101,6 +101,6 @@ def _converse(llm, args) -> None:
             history += out.outputs[0].token_ids
     print(f"total: {total_reused} of {total_prompt} prompt tokens reused ({100 * total_reused / total_prompt:.1f}%)")
     for tier, stats in llm.kv_stats().items():
-        if tier not in ("device", "connector"):
+        if tier not in ("device", "connector", "parking"):
             print(f"tier {tier}: {stats['hits']} block hits, {stats['puts']} blocks stored, "
                   f"{stats['used_bytes'] / 2**20:.1f} MiB used, {stats['errors']} errors")

@@ -22,6 +22,7 @@ from kvtier.engine.model_runner import ModelRunner
 from kvtier.engine.prefill_speed import PrefillSpeed
 from kvtier.engine.prompts import Prompt, invalid_token_ids, parse_prompt
 from kvtier.engine.output_builder import OutputBuilder
+from kvtier.engine.parking.parking_lot import ParkingLot
 from kvtier.engine.outputs import RequestOutput
 from kvtier.engine.request import Request, RequestStatus
 from kvtier.engine.sampling_params import SamplingParams
@@ -69,8 +70,12 @@ class Engine:
         self.runner = ModelRunner(self.model, bs, config.device, config.seed, self.groups)
         self.prefill_speed = PrefillSpeed()
         self.connector = self._build_connector()
+        self.parking = ParkingLot(self.kv, config.park_policy, config.max_parked_fraction,
+                                  self._tier_bandwidth, self.prefill_speed.tokens_per_s,
+                                  prefetch=self._prefetch if self.connector is not None else None)
         self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.connector
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.connector,
+            self.parking,
         )
         self.outputs = OutputBuilder(self.tokenizer)
         self.requests: dict[str, Request] = {}
@@ -91,6 +96,22 @@ class Engine:
                                    [p.shape[0] for p in self.kv_pools])
         return connector
 
+    def _prefetch(self, entry) -> None:
+        """Queue a load-only request for an offloaded parked sequence: its KV comes back from
+        the tiers into the device prefix cache, so the resume finds it there."""
+        parked = entry.request
+        req = Request(request_id=f"prefetch:{entry.parked_id}", prompt_token_ids=entry.tokens,
+                      sampling_params=SamplingParams(max_tokens=1), cache_salt=parked.cache_salt,
+                      hash_root=parked.hash_root, prefetch_only=True)
+        self.scheduler.add(req)
+
+    def _tier_bandwidth(self) -> float | None:
+        """Read bandwidth of the first tier, for parking decisions; None without a connector."""
+        if self.connector is None:
+            return None
+        hierarchy = getattr(self.connector, "hierarchy", None)
+        return hierarchy.tiers[0].read_bandwidth() if hierarchy is not None else 1e9
+
     def _resolve_max_model_len(self) -> int:
         limit = self.arch.max_model_len_limit
         requested = self.config.max_model_len
@@ -109,29 +130,61 @@ class Engine:
         return parse_prompt(prompt, self.tokenize)
 
     def add_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> Request:
-        """Queue a prompt. One that can never run still yields a request, finished with an error."""
+        """Queue a prompt. One that can never run still yields a request, finished with an error.
+        A prompt that extends a parked sequence resumes it (implicit resume)."""
         prompt = self.parse_prompt(prompt)
+        req = self._new_request(prompt.token_ids, prompt.text, prompt.cache_salt, params, request_id)
+        if self.parking.entries and not invalid_token_ids(prompt.token_ids, self.arch.vocab_size):
+            self.kv.update_block_hashes(req)
+            entry = self.parking.match(req)
+            if entry is not None:
+                return self._queue(req, self.parking.take(entry.parked_id))
+        return self._queue(req)
+
+    def resume(self, parked_id: str, prompt, params: SamplingParams, request_id: str | None = None) -> Request:
+        """Continue a parked request: `prompt` (text or {"prompt_token_ids": [...]}) holds what
+        is appended to its sequence, e.g. the tool's result. KeyError for an unknown, expired,
+        released or already resumed id."""
+        appended = self.parse_prompt(prompt)
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        entry = self.parking.take(parked_id)
+        # The prompt of a resumed turn is token ids only: the parked sequence plus the appended part.
+        req = self._new_request(entry.tokens + appended.token_ids, None, entry.request.cache_salt, params,
+                                request_id)
+        return self._queue(req, entry)
+
+    def release(self, parked_id: str) -> None:
+        """Drop a parked request (KeyError if there is none by that id)."""
+        self.parking.release(parked_id)
+
+    def _new_request(self, token_ids, text, cache_salt, params, request_id) -> Request:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self.requests:
             raise ValueError(f"request_id: {rid!r} is already in flight")
-        req = Request(
+        return Request(
             request_id=rid,
-            prompt_token_ids=prompt.token_ids,
+            prompt_token_ids=token_ids,
             sampling_params=params,
-            prompt=prompt.text,
-            cache_salt=prompt.cache_salt,
+            prompt=text,
+            cache_salt=cache_salt,
             eos_token_ids=tuple(self.arch.eos_token_ids),
-            hash_root=root_hash(self.namespace, prompt.cache_salt),
+            hash_root=root_hash(self.namespace, cache_salt),
         )
+
+    def _queue(self, req: Request, parked=None) -> Request:
+        params = req.sampling_params
         if params.seed is not None:
             req.generator = torch.Generator(device=self.config.device)
             req.generator.manual_seed(params.seed)
         if params.logprobs is not None:
             req.logprobs = []
-        self.requests[rid] = req
-        error = invalid_token_ids(prompt.token_ids, self.arch.vocab_size) or self.scheduler.add(req)
+        self.requests[req.request_id] = req
+        error = invalid_token_ids(req.prompt_token_ids, self.arch.vocab_size)
+        if error is None:
+            error = self.scheduler.add(req) if parked is None else self.scheduler.resume(parked, req)
         if error is not None:
             req.error = error
             req.status = RequestStatus.FINISHED_ERROR
@@ -144,6 +197,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; return outputs of requests that finished (incl. rejected ones)."""
         done, self._ended_outside_loop = self._ended_outside_loop, []
+        self.parking.tick()
         connector = self.connector
         if connector is not None:
             self.scheduler.on_connector_output(connector.get_finished())
@@ -201,7 +255,9 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "load_failures": self.scheduler.num_load_failures,
         }
-        return {"device": device, **(self.connector.stats() if self.connector is not None else {})}
+        out = {"device": device, **(self.connector.stats() if self.connector is not None else {})}
+        out["parking"] = self.parking.stats()
+        return out
 
     def close(self) -> None:
         if self.connector is not None:

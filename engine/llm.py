@@ -63,8 +63,25 @@ class LLM:
         order = {}
         for i, (p, sp) in enumerate(zip(parsed, params)):
             order[self.engine.add_request(p, sp).request_id] = i
-        results: list[RequestOutput | None] = [None] * len(prompts)
-        progress = _Progress(len(prompts)) if use_tqdm else None
+        return self._run(order, use_tqdm)
+
+    def resume(self, parked_id: str, prompt, sampling_params: SamplingParams | None = None,
+               use_tqdm: bool = False) -> RequestOutput:
+        """Continue a parked request (`RequestOutput.parked_id`) with `prompt` appended to its
+        sequence (text or {"prompt_token_ids": [...]}, e.g. a tool's result); only that part is
+        prefilled when its KV was kept. KeyError for an unknown, expired, released or already
+        resumed id."""
+        req = self.engine.resume(parked_id, prompt, sampling_params or SamplingParams())
+        return self._run({req.request_id: 0}, use_tqdm)[0]
+
+    def release(self, parked_id: str) -> None:
+        """Drop a parked request and its KV (KeyError if there is none by that id)."""
+        self.engine.release(parked_id)
+
+    def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
+        """Step the engine until every request in `order` (id -> result index) has finished."""
+        results: list[RequestOutput | None] = [None] * len(order)
+        progress = _Progress(len(order)) if use_tqdm else None
         while order:
             finished = self.engine.step()
             if not finished and not self.engine.has_unfinished():

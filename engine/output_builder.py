@@ -75,4 +75,5 @@ class OutputBuilder:
             metrics=RequestMetrics(req.arrival_time, req.first_token_time, req.finished_time),
             error=req.error,
             kv_sources=dict(req.kv_sources) or {"device": 0, "computed": req.num_prompt_tokens},
+            parked_id=req.parked_id,
         )

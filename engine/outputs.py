@@ -47,3 +47,4 @@ class RequestOutput:
     error: str | None = None  # set when finish_reason == "error"
     # Prompt tokens by where their KV came from: {"device": n, "computed": k, ...}.
     kv_sources: dict[str, int] = field(default_factory=dict)
+    parked_id: str | None = None  # the request parked at its end: resume it with this id

@@ -52,6 +52,16 @@ class Request:
     num_preemptions: int = 0
     # Prompt tokens by where their KV came from, fixed at first admission.
     kv_sources: dict[str, int] = field(default_factory=dict)
+    # Queue order: arrival, or for a resumed turn its conversation's first arrival.
+    priority: float = -1.0
+    parked_id: str | None = None  # set when the request parked at its end
+    holds_kv: bool = False  # a resumed turn that took over its parked blocks
+    resumed_tokens: int = 0  # a resumed turn: length of the parked sequence it continues
+    prefetch_only: bool = False  # only load this prefix from the tiers onto the device, run nothing
+
+    def __post_init__(self):
+        if self.priority < 0:
+            self.priority = self.arrival_time
 
     @property
     def num_prompt_tokens(self) -> int:

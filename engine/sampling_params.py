@@ -5,6 +5,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from kvtier.engine.parking.params import ParkParams
+
 # vLLM's _SAMPLING_EPS: a temperature this small would overflow logits / T, and the
 # distribution it describes is argmax anyway, so it is treated as greedy.
 _SAMPLING_EPS = 1e-5
@@ -47,6 +49,8 @@ class SamplingParams:
     ignore_eos: bool = False
     max_tokens: int | None = 16
     logprobs: int | None = None
+    # Park instead of release when the request stops (a tool call): engine/parking/.
+    park: ParkParams | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.n):
@@ -67,6 +71,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens: must be None or an integer >= 1, got {self.max_tokens!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise ValueError(f"logprobs: must be None or an integer >= 0, got {self.logprobs!r}")
+        if self.park is not None and not isinstance(self.park, ParkParams):
+            raise ValueError(f"park: must be None or a ParkParams, got {self.park!r}")
         for name in ("ignore_eos", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")

@@ -17,36 +17,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 from kvtier.connectors.base import ConnectorOutput, KVConnector
 from kvtier.engine.kv_cache.coordinator import KVCacheCoordinator
 from kvtier.engine.request import Request, RequestStatus
+from kvtier.engine.scheduler_output import ScheduledSeq, SchedulerOutput
+from kvtier.engine.stop_checks import stop_status
 
-
-@dataclass
-class ScheduledSeq:
-    request: Request
-    num_computed: int  # tokens with KV before this step
-    num_new: int  # tokens computed this step
-    # Per KV group: the block table of an attention group, (init slot, live slot,
-    # checkpoints) of an SSM group (KVCacheCoordinator.step_view).
-    block_ids: tuple
-
-    @property
-    def samples(self) -> bool:
-        """The step reaches the end of the known tokens, so it yields the next token."""
-        return self.num_computed + self.num_new == self.request.num_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    seqs: list[ScheduledSeq] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new for s in self.seqs)
+__all__ = ["Scheduler", "ScheduledSeq", "SchedulerOutput"]
 
 
 class Scheduler:
@@ -57,12 +35,15 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         connector: KVConnector | None = None,
+        parking=None,
     ):
+        """parking: the ParkingLot for requests that park at a tool call (engine/parking/)."""
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.connector = connector
+        self.parking = parking
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         # WAITING_FOR_KV: request id -> (request, device resume point, resume point once loaded)
@@ -73,15 +54,47 @@ class Scheduler:
 
     def add(self, request: Request) -> str | None:
         """Queue a request, or return why it can never run (the caller fails it)."""
-        n = request.num_prompt_tokens
-        if n > self.max_model_len:
-            return f"prompt has {n} tokens, more than max_model_len={self.max_model_len}"
-        error = self.kv.admission_error(n)
+        error = self._check(request)
         if error is not None:
             return error
         self.kv.update_block_hashes(request)
-        self.waiting.append(request)
+        self._enqueue(request)
         return None
+
+    def _check(self, request: Request) -> str | None:
+        n = request.num_prompt_tokens
+        if n > self.max_model_len:
+            return f"prompt has {n} tokens, more than max_model_len={self.max_model_len}"
+        return self.kv.admission_error(n)
+
+    def resume(self, entry, request: Request) -> str | None:
+        """Queue the next turn of a parked request (a ParkedEntry taken from the lot) at its
+        conversation's place in the queue; it takes over the parked blocks if they were kept."""
+        request.priority = entry.priority
+        request.resumed_tokens = len(entry.tokens)
+        error = self._check(request)
+        if error is not None:
+            if entry.pinned:
+                self.kv.free(entry.request)
+            return error
+        self.kv.update_block_hashes(request)
+        if entry.pinned:
+            self.kv.transfer(entry.request, request)
+            request.num_computed_tokens = entry.request.num_computed_tokens
+            request.holds_kv = True
+        self._enqueue(request)
+        return None
+
+    def _enqueue(self, request: Request) -> None:
+        """Waiting requests stay in priority (arrival) order; new ones usually go last."""
+        i = len(self.waiting)
+        while i > 0 and self.waiting[i - 1].priority > request.priority:
+            i -= 1
+        self.waiting.insert(i, request)
+
+    def _make_room(self) -> bool:
+        """Memory is short: demote a parked request before anyone is preempted or refused."""
+        return self.parking is not None and self.parking.demote_one()
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.loading)
@@ -94,6 +107,8 @@ class Scheduler:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, num_new):
+                if self._make_room():
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -101,43 +116,72 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted itself; the loop bound shrank with `running`
-            out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new,
-                                         self.kv.step_view(req, req.num_computed_tokens)))
+            self._schedule(req, num_new, out)
             budget -= num_new
             i += 1
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        self._notify_connector()
+        return out
+
+    def _schedule(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
+        out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new,
+                                     self.kv.step_view(req, req.num_computed_tokens)))
+
+    def _start_running(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        self._schedule(req, num_new, out)
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
 
         # FCFS: stop at the first waiting request that does not fit; never admit in a step that preempted.
         # One exception: a request whose tier lookup is still due (lookup -> None) keeps its
         # place but is passed over this step, so a slow store holds up only that request;
         # the connector answers it within its lookup budget. At most max_num_seqs are passed over.
         skipped = 0
-        while (skipped < min(len(self.waiting), self.max_num_seqs) and budget > 0 and not out.preempted
+        while (skipped < min(len(self.waiting), self.max_num_seqs) and budget > 0
                and self._num_active() < self.max_num_seqs):
             req = self.waiting[skipped]
+            if req.holds_kv:  # a resumed turn on its parked blocks: only the new tokens run
+                num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+                if not self.kv.allocate_slots(req, num_new):
+                    if self._make_room():
+                        continue
+                    break
+                del self.waiting[skipped]
+                req.holds_kv = False
+                self._record_admission(req, req.num_computed_tokens, {})
+                self._start_running(req, num_new, out)
+                budget -= num_new
+                continue
             hit = self.kv.get_computed_blocks(req)
             num_hit_tokens = hit.num_tokens
             num_external = self.connector.lookup(req, num_hit_tokens) if self.connector else 0
             if num_external is None:
                 skipped += 1
                 continue
+            if req.prefetch_only and not num_external:  # nothing in the tiers beyond the device
+                del self.waiting[skipped]
+                continue
             if num_external:
                 if not self.kv.allocate_slots(req, 0, hit, num_external_tokens=num_external):
+                    if self._make_room():
+                        continue
                     break
                 del self.waiting[skipped]
                 self._start_loading(req, num_hit_tokens, num_external)
                 continue
             num_new = min(req.num_tokens - num_hit_tokens, budget)
             if not self.kv.allocate_slots(req, num_new, hit):
+                if self._make_room():
+                    continue
                 break
             del self.waiting[skipped]
             self._record_admission(req, num_hit_tokens, {})
             req.num_computed_tokens = num_hit_tokens
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            out.seqs.append(ScheduledSeq(req, num_hit_tokens, num_new, self.kv.step_view(req, num_hit_tokens)))
+            self._start_running(req, num_new, out)
             budget -= num_new
-        self._notify_connector()
-        return out
 
     def join_running(self, out: SchedulerOutput) -> bool:
         """Add running requests the step does not cover yet (loads that just landed) while
@@ -153,8 +197,7 @@ class Scheduler:
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.allocate_slots(req, num_new):
                 continue
-            out.seqs.append(ScheduledSeq(req, req.num_computed_tokens, num_new,
-                                         self.kv.step_view(req, req.num_computed_tokens)))
+            self._schedule(req, num_new, out)
             budget -= num_new
             joined = True
         if joined:
@@ -173,6 +216,9 @@ class Scheduler:
         req.kv_sources = {"device": device, **sources, "computed": req.num_prompt_tokens - num_cached}
         self.kv.prefix_queries += req.num_prompt_tokens
         self.kv.prefix_hits += device
+        if req.resumed_tokens and self.parking is not None:
+            whole = num_cached >= req.resumed_tokens - self.kv.block_size
+            self.parking.record_resume("tier" if sources else "device" if whole else "recomputed")
 
     def _start_loading(self, req: Request, num_hit_tokens: int, num_external: int) -> None:
         req.num_computed_tokens = num_hit_tokens
@@ -198,7 +244,9 @@ class Scheduler:
             if entry is None:
                 continue
             req, device_tokens, resume_tokens = entry
-            if req.is_finished:  # aborted while loading: its blocks were waiting for the load to end
+            if req.is_finished or req.prefetch_only:  # aborted while loading, or only a prefetch
+                if req.prefetch_only:
+                    self.kv.publish_loaded(req, self.kv.loaded_tokens(device_tokens, resume_tokens, result))
                 self.kv.free(req)
                 continue
             self.num_load_failures += result.num_blocks - result.num_blocks_ok
@@ -234,29 +282,13 @@ class Scheduler:
             if req.first_token_time is None:
                 req.first_token_time = now
             req.output_token_ids.append(token)
-            status = self._stop_status(req, token)
+            status = stop_status(req, token, self.max_model_len, self.kv.max_seq_tokens)
             if status is not None:
                 self.finish(req, status)
                 finished.append(req)
             else:
                 self.kv.update_block_hashes(req)
         return finished
-
-    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
-        params = req.sampling_params
-        if token in params.stop_token_ids:
-            req.stop_reason = token
-            return RequestStatus.FINISHED_STOPPED
-        if not params.ignore_eos and token in req.eos_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and len(req.output_token_ids) >= params.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if req.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        limit = self.kv.max_seq_tokens
-        if limit is not None and req.num_tokens > limit:
-            return RequestStatus.FINISHED_LENGTH  # the sequence alone would overflow the pool
-        return None
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """End a request wherever it is (running, waiting) and release its blocks."""
@@ -266,9 +298,20 @@ class Scheduler:
             return  # a load is writing into its blocks: freed when the load reports back
         if req in self.running:
             self.running.remove(req)
+            if self._parks(req, status):
+                return
         elif req in self.waiting:
             self.waiting.remove(req)
         if self.connector is not None and self.connector.on_request_finished(req, self.kv.block_ids(req.request_id)):
             self.held[req.request_id] = req
             return
         self.kv.free(req)
+
+    def _parks(self, req: Request, status: RequestStatus) -> bool:
+        """A request that asked to park (a tool call) and stopped normally goes to the lot."""
+        if self.parking is None or req.sampling_params.park is None or status not in (
+                RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            return False
+        self.kv.update_block_hashes(req)  # the lot finds it by the hash of its last full block
+        req.parked_id = self.parking.park(req)
+        return True

@@ -13,6 +13,7 @@ _EXPORTS = {
     "RequestOutput": "kvtier.engine.outputs",
     "CompletionOutput": "kvtier.engine.outputs",
     "EngineConfig": "kvtier.engine.config",
+    "ParkParams": "kvtier.engine.parking.params",
 }
 
 __all__ = sorted(_EXPORTS)

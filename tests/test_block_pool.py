@@ -64,7 +64,7 @@ def _check_invariants(kv: KVCacheCoordinator, shadows: list[dict], sched: Schedu
                 assert tuple(shadow[b.block_id]) == b.token_ids
         if m.group.kind == "sliding":
             for req in sched.running:
-                assert m.num_held(req.request_id) <= (WINDOW + kv.max_num_batched_tokens) // BS + 3
+                assert m.held_blocks(req.request_id) <= (WINDOW + kv.max_num_batched_tokens) // BS + 3
 
 
 def _run_step(out, kv, shadows, rng) -> dict[str, int]:

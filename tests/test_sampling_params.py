@@ -69,7 +69,20 @@ INVALID = [
     ("stop_token_ids", "12"),
     ("ignore_eos", 1), ("ignore_eos", None), ("ignore_eos", "yes"),
     ("include_stop_str_in_output", 0), ("include_stop_str_in_output", None),
+    ("park", {"ttl_s": 5}), ("park", True), ("park", "keep"),
 ]
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(ttl_s=0), "ttl_s"), (dict(ttl_s=-1), "ttl_s"), (dict(ttl_s=float("inf")), "ttl_s"),
+    (dict(ttl_s="5"), "ttl_s"), (dict(ttl_s=True), "ttl_s"), (dict(expected_pause_s=-1), "expected_pause_s"),
+    (dict(expected_pause_s=float("nan")), "expected_pause_s"), (dict(tool=""), "tool"), (dict(tool=3), "tool"),
+])
+def test_invalid_park_params_name_the_field(kwargs, field):
+    from kvtier import ParkParams
+
+    with pytest.raises(ValueError, match=f"park.{field}"):
+        ParkParams(**kwargs)
 
 
 @pytest.mark.parametrize("field, value", INVALID, ids=[f"{f}={v!r}" for f, v in INVALID])

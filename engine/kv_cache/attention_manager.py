@@ -114,6 +114,3 @@ class SlidingWindowManager(FullAttentionManager):
         window: admitting a request only when a window's worth is free beyond its first
         chunk keeps running requests from being preempted (and recomputed) for it."""
         return -(-self.info.window // self.block_size) + 1
-
-    def num_held(self, request_id: str) -> int:
-        return sum(1 for b in self.req_blocks.get(request_id, ()) if b is not None)

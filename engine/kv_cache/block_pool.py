@@ -41,6 +41,12 @@ class FreeBlockQueue:
         block.next, self._tail.prev = self._tail, block
         self.size += 1
 
+    def appendleft(self, block: KVBlock) -> None:
+        first = self._head.next
+        self._head.next, block.prev = block, self._head
+        block.next, first.prev = first, block
+        self.size += 1
+
     def remove(self, block: KVBlock) -> None:
         if block.prev is None or block.next is None:
             raise RuntimeError(f"{block} is not in the free queue")
@@ -109,14 +115,19 @@ class BlockPool:
             out.append(b)
         return out
 
-    def free(self, blocks: Iterable[KVBlock]) -> None:
-        """Drop one reference each; blocks reaching zero join the LRU tail in the given order."""
+    def free(self, blocks: Iterable[KVBlock], first_out: bool = False) -> None:
+        """Drop one reference each; blocks reaching zero join the LRU tail in the given order
+        (first_out: the head instead, to be reused before anything else, still reusable
+        from the prefix cache until then)."""
         for b in blocks:
             if b.ref_cnt <= 0:
                 raise RuntimeError(f"double free of {b}")
             b.ref_cnt -= 1
             if b.ref_cnt == 0:
-                self.free_queue.append(b)
+                if first_out:
+                    self.free_queue.appendleft(b)
+                else:
+                    self.free_queue.append(b)
 
     def cache_block(self, block: KVBlock, block_hash: bytes, token_ids: Sequence[int]) -> bool:
         """Publish a full block under its hash; False if already published (first writer wins)."""

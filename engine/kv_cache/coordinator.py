@@ -115,9 +115,11 @@ class KVCacheCoordinator:
                 new, idle = m.needs(request, h, total, loading)
             else:
                 new, idle = m.needs(request, h, total)
-            headroom = m.admission_headroom() if admitting else 0
-            if new + headroom > m.pool.num_blocks:
-                headroom = 0  # a pool this small could never admit it with headroom: go without
+            # Headroom protects running requests; none to protect (an idle pool), or a pool
+            # too small to ever leave it: admit without.
+            headroom = m.admission_headroom() if admitting and m.pool.num_free_blocks < m.pool.num_blocks else 0
+            if new + headroom > m.pool.num_blocks - idle:
+                headroom = 0
             if new + headroom > m.pool.num_free_blocks - idle:
                 return False
         publish = None if loading else total
@@ -161,9 +163,33 @@ class KVCacheCoordinator:
         for m in self._ssm:
             m.end_step()
 
-    def free(self, request: Request) -> None:
+    def free(self, request: Request, first_out: bool = False) -> None:
+        """Release every block the request holds (first_out: reuse them before other free blocks)."""
         for m in self.managers:
-            m.free(request)
+            m.free(request, first_out)
+
+    def transfer(self, old: Request, new: Request) -> None:
+        """`new` (a resumed turn) takes over the blocks `old` (parked) holds."""
+        for m in self.managers:
+            m.transfer(old, new)
+
+    def held_share(self, request_id: str) -> float:
+        """The share of the device KV memory a request holds (all groups, by bytes)."""
+        held = total = 0
+        for m in self.managers:
+            size = m.info.layout.nbytes
+            held += m.held_blocks(request_id) * size
+            total += m.pool.num_blocks * size
+        return held / total
+
+    def used_share(self) -> float:
+        """The share of the device KV memory in use (referenced, not merely cached)."""
+        used = total = 0
+        for m in self.managers:
+            size = m.info.layout.nbytes
+            used += (m.pool.num_blocks - m.pool.num_free_blocks) * size
+            total += m.pool.num_blocks * size
+        return used / total
 
     # ---- connector bookkeeping ------------------------------------------------------
     def take_newly_full(self) -> list[tuple[int, list[int], list[bytes]]]:

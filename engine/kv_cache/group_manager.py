@@ -52,11 +52,23 @@ class GroupManager:
     def block_ids(self, request_id: str) -> list[int]:
         return [-1 if b is None else b.block_id for b in self.req_blocks.get(request_id, ())]
 
-    def free(self, request: Request) -> None:
-        # Reverse order: a prefix's tail is evicted before its head, which more requests share.
+    def free(self, request: Request, first_out: bool = False) -> None:
+        # Reverse order: a prefix's tail is evicted before its head, which more requests
+        # share (first_out pushes to the head, so the head goes in last there).
         blocks = self.req_blocks.pop(request.request_id, [])
         self.num_published.pop(request.request_id, None)
-        self.pool.free(b for b in reversed(blocks) if b is not None)
+        held = [b for b in blocks if b is not None]
+        self.pool.free(held if first_out else reversed(held), first_out)
+
+    def transfer(self, old: Request, new: Request) -> None:
+        """A resumed request takes over a parked one's blocks."""
+        if old.request_id in self.req_blocks:
+            self.req_blocks[new.request_id] = self.req_blocks.pop(old.request_id)
+        if old.request_id in self.num_published:
+            self.num_published[new.request_id] = self.num_published.pop(old.request_id)
+
+    def held_blocks(self, request_id: str) -> int:
+        return sum(1 for b in self.req_blocks.get(request_id, ()) if b is not None)
 
     def _publish(self, request: Request, blocks: list[KVBlock | None], num_tokens: int, computed: bool) -> None:
         """Publish the request's blocks that are full once num_tokens have KV."""

@@ -11,7 +11,8 @@ Checkpoints are written while a request computes past these positions:
 - every `interval` tokens (prompt and output);
 - its branch point: the longest block-aligned prefix it shares with an earlier prompt,
   when that lies beyond its resume point, so a third request sharing that prefix resumes
-  from it (the first two only shared it, neither had a checkpoint there).
+  from it (the first two only shared it, neither had a checkpoint there);
+- every block boundary, for a request that will park at a tool call.
 A checkpoint written this step is not a resume point until the step has run (`end_step`).
 """
 from __future__ import annotations
@@ -149,7 +150,10 @@ class SsmStateManager(GroupManager):
         first = start // bs + 1
         for n in range(first, min(end // bs, len(request.block_hashes)) + 1):
             pos = n * bs
-            if pos not in st.positions and not (self.interval and pos % self.interval == 0):
+            # A request that will park checkpoints every block: resumed after its KV left the
+            # device, it restarts from its last full block, not from its prompt's end.
+            parks = request.sampling_params.park is not None
+            if not parks and pos not in st.positions and not (self.interval and pos % self.interval == 0):
                 continue
             h = request.block_hashes[n - 1]
             if h in self.pool.cached or self.pool.num_free_blocks <= 1:
@@ -198,7 +202,19 @@ class SsmStateManager(GroupManager):
     def end_step(self) -> None:
         self._fresh.clear()
 
-    def free(self, request: Request) -> None:
+    def free(self, request: Request, first_out: bool = False) -> None:
         st = self.states.pop(request.request_id, None)
         if st is not None:
-            self.pool.free(st.held())
+            self.pool.free(st.held(), first_out)
+
+    def transfer(self, old: Request, new: Request) -> None:
+        """A resumed request takes over a parked one's state (its live slot holds the state
+        after every token computed so far), with checkpoint positions for its new prompt."""
+        st = self.states.pop(old.request_id, None)
+        if st is not None:
+            st.positions = self._admission_positions(new, new.num_computed_tokens)
+            self.states[new.request_id] = st
+
+    def held_blocks(self, request_id: str) -> int:
+        st = self.states.get(request_id)
+        return 0 if st is None else len(st.held())
