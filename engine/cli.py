@@ -1,4 +1,4 @@
-"""`kvtier` command line: generate, make-model, demo."""
+"""`kvtier` command line: generate, make-model, demo, serve."""
 from __future__ import annotations
 
 import argparse
@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--users", type=int, default=3, help="conversations interleaved turn by turn")
     d.add_argument("--max-tokens", type=int, default=32)
     _add_engine_flags(d)
+
+    from kvtier.engine.serving.serve_cli import add_serve_flags
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_serve_flags(s)
+    _add_engine_flags(s)
     return parser
 
 
@@ -178,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             print(make_model(args.out, arch=args.arch, size=args.size, seed=args.seed,
                              sliding_window=args.sliding_window))
             return 0
+        if args.command == "serve":
+            from kvtier.engine.serving.serve_cli import run_serve
+
+            return run_serve(args, engine_kwargs(args))
         from kvtier.engine.demo import run_demo
 
         return run_demo(args, engine_kwargs(args))

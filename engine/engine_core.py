@@ -11,12 +11,9 @@ import torch
 
 from kvtier.connectors.base import ConnectorContext, KVConnector
 from kvtier.connectors.registry import build_connector
-from kvtier.connectors.groups import GroupInfo
 from kvtier.engine.config import EngineConfig
-from kvtier.engine.kv_cache.binding import bind_kv_caches, model_groups
 from kvtier.engine.kv_cache.block_hash import model_namespace, root_hash
-from kvtier.engine.kv_cache.budget import default_checkpoint_interval, split_kv_budget
-from kvtier.engine.kv_cache.coordinator import KVCacheCoordinator
+from kvtier.engine.kv_cache.setup import build_kv_cache
 from kvtier.engine.model_loader import load_model, weights_fingerprint
 from kvtier.engine.model_runner import ModelRunner
 from kvtier.engine.prefill_speed import PrefillSpeed
@@ -28,7 +25,6 @@ from kvtier.engine.request import Request, RequestStatus
 from kvtier.engine.sampling_params import SamplingParams
 from kvtier.engine.scheduler import Scheduler
 from kvtier.engine.tokenizer import load_tokenizer
-from kvtier.kvstore.tiers.spec import BlockLayout
 
 # How long a step waits for loads it started, so loads from fast tiers join it.
 JOIN_WAIT_S = 0.002
@@ -42,32 +38,11 @@ class Engine:
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.max_model_len = self._resolve_max_model_len()
 
-        bs = config.block_size
-        self.groups = model_groups(self.model)
-        num_blocks = split_kv_budget(self.groups, config.kv_pool_bytes(), bs, config.dtype, config.max_num_seqs,
-                                     self.max_model_len, config.max_num_batched_tokens,
-                                     config.kv_group_memory_fractions)
-        # One page-first pool per KV group (docs/architecture.md §3).
-        self.kv_pools = [torch.zeros((n, *g.block_shape(bs)), dtype=config.dtype, device=config.device)
-                         for g, n in zip(self.groups, num_blocks)]
-        backend = "sdpa" if config.attention_backend == "auto" else config.attention_backend
-        bind_kv_caches(self.model, self.groups, self.kv_pools, backend)
-        self.group_infos = [
-            GroupInfo(g.kind, BlockLayout(g.block_shape(bs), config.dtype, config.device),
-                      g.spec.window if g.kind == "sliding" else None)
-            for g in self.groups
-        ]
-
+        cache = build_kv_cache(self.model, config, self.max_model_len)
+        self.groups, self.kv_pools, self.group_infos, self.kv = cache.groups, cache.pools, cache.infos, cache.coordinator
         fingerprint = weights_fingerprint(config.model)
-        self.namespace = model_namespace(fingerprint, str(config.dtype), KV_LAYOUT, bs)
-        every_checkpoint = config.ssm_checkpoint_policy == "auto"
-        interval = (config.ssm_checkpoint_interval or default_checkpoint_interval(self.groups, bs, config.dtype)
-                    if every_checkpoint else 0)
-        self.kv = KVCacheCoordinator(self.groups, self.group_infos, num_blocks, bs, config.enable_prefix_caching,
-                                     config.max_num_batched_tokens, interval,
-                                     track_transfers=config.connector_spec() is not None,
-                                     ssm_branch_points=every_checkpoint)
-        self.runner = ModelRunner(self.model, bs, config.device, config.seed, self.groups)
+        self.namespace = model_namespace(fingerprint, str(config.dtype), KV_LAYOUT, config.block_size)
+        self.runner = ModelRunner(self.model, config.block_size, config.device, config.seed, self.groups)
         self.prefill_speed = PrefillSpeed()
         self.connector = self._build_connector()
         self.parking = ParkingLot(self.kv, config.park_policy, config.max_parked_fraction,

@@ -44,13 +44,16 @@ def _same(out, ref):
 @pytest.mark.parametrize("policy", ["keep", "offload", "discard", "auto"])
 def test_a_resumed_turn_equals_one_uninterrupted_request(model, policy):
     tiers = ["cpu:64MiB"] if policy in ("offload", "auto") else None
-    # 24 blocks: the two filler prompts between the turns push unpinned blocks out.
+    # A long expected pause: no prefetch brings offloaded blocks back during the test.
+    park = ParkParams(expected_pause_s=60)
     with LLM(model["path"], park_policy=policy, kv_tiers=tiers, kv_cache_memory_bytes=24 * model["block_bytes"]) as llm:
-        first = llm.generate(_ids(model["prompt"]), SamplingParams(max_tokens=5, park=ParkParams(), **GREEDY),
+        first = llm.generate(_ids(model["prompt"]), SamplingParams(max_tokens=5, park=park, **GREEDY),
                              use_tqdm=False)[0]
         assert first.parked_id and first.outputs[0].finish_reason == "length"
         for f in model["filler"]:  # other traffic while the tool runs
             llm.generate(_ids(f), SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)
+        if policy in ("offload", "discard"):  # nothing pins them: the device copies may go
+            assert llm.engine.kv.reset_prefix_cache()
         resumed = llm.resume(first.parked_id, _ids(model["tool"]), SamplingParams(max_tokens=6, **GREEDY))
         stats = llm.kv_stats()["parking"]
     sequence = model["prompt"] + first.outputs[0].token_ids + model["tool"]
@@ -63,9 +66,9 @@ def test_a_resumed_turn_equals_one_uninterrupted_request(model, policy):
     elif policy == "auto":  # kept while the pool is idle, maybe demoted under the filler traffic
         assert src["device"] + src.get("cpu", 0) >= context - 16
     elif policy == "offload":
-        assert src.get("cpu", 0) >= context - 16 - 16 and stats["resumes"]["tier"] == 1
+        assert src.get("cpu", 0) >= context - 16 and stats["resumes"]["tier"] == 1
     else:
-        assert src["computed"] > len(model["tool"]) + 1 and stats["resumes"]["recomputed"] == 1
+        assert src["computed"] == len(sequence) and stats["resumes"]["recomputed"] == 1
     # auto keeps at first: the pool is idle when the request parks, keeping costs nothing.
     assert stats["parked"] == 0 and stats["decisions"][policy if policy != "auto" else "keep"] == 1
 

@@ -4,10 +4,12 @@ A parked request is the finished turn itself (its tokens, hashes and, when kept,
 under its own request id in the KV cache). The policy (policy.py) decides per request:
 - keep: its blocks stay held (pinned: the pool never evicts a held block), including the
   partial last block and SSM live state, so the next turn prefills only what it appends;
-- offload: its blocks are released to the head of the free queue: the first the pool
-  reuses, while staying findable by prefix until then; the connector's tiers hold their
-  copies (blocks are saved as they fill), so the next turn loads them back;
-- discard: released like any finished request (ordinary prefix caching).
+- offload: its blocks are released (findable by prefix until the pool reuses them) while
+  the connector's tiers hold their copies (blocks are saved as they fill); shortly before
+  the expected resume they are prefetched back onto the device if they left it;
+- discard: released like any finished request (ordinary prefix caching), no prefetch.
+  (Releasing offloaded blocks to the head of the free queue instead measured slower in
+  benchmarks/agentic.py: their reloads cost more than the memory they freed first.)
 Decisions are revisited as time passes (a keep that outstays its expected pause is
 demoted), pinned memory is bounded by `max_parked_fraction` of the pool, and every entry
 ends by its TTL: a kept one is demoted then, never dropped while a tier has room.
@@ -46,6 +48,7 @@ class ParkedEntry:
     tokens: list[int] = field(default_factory=list)
     resume_at: float = 0.0  # expected resume (clock time), for the prefetch of an offloaded one
     prefetched: bool = False
+    nbytes: int = 0  # device KV bytes of its blocks when it parked
 
     @property
     def pinned(self) -> bool:
@@ -87,12 +90,13 @@ class ParkingLot:
         entry = ParkedEntry(pid, parked, params, now, now + params.ttl_s, req.priority, "keep",
                             req.prompt_token_ids + req.output_token_ids)
         entry.resume_at = now + self.pauses.expected_remaining(params.tool, params.expected_pause_s, 0.0)
+        entry.nbytes = int(self.kv.held_share(parked.request_id) * self._pool_bytes())
         entry.policy = self._decide(entry, now) if self.policy == "auto" else self.policy
         req = parked
         self.counts["parked"] += 1
         self.counts[entry.policy] += 1
         if not entry.pinned:
-            self.kv.free(req, first_out=entry.policy == "offload")
+            self.kv.free(req)
         self.entries[entry.parked_id] = entry
         self._by_tail.setdefault(_tail(req), set()).add(entry.parked_id)
         heapq.heappush(self._deadlines, (entry.deadline, entry.parked_id))
@@ -104,8 +108,7 @@ class ParkingLot:
         share = self.kv.held_share(req.request_id)
         pause = self.pauses.expected_remaining(entry.params.tool, entry.params.expected_pause_s, now - entry.parked_at)
         bandwidth = self.tier_bandwidth()
-        pool_bytes = sum(m.pool.num_blocks * m.info.layout.nbytes for m in self.kv.managers)
-        transfer = None if not bandwidth else share * pool_bytes / bandwidth
+        transfer = None if not bandwidth else share * self._pool_bytes() / bandwidth
         speed = self.prefill_tokens_per_s() or DEFAULT_PREFILL_TOKENS_PER_S
         # What the other, running requests use: neither this request nor other pinned ones.
         own = 0.0 if entry.parked_id in self.entries else share
@@ -189,7 +192,7 @@ class ParkingLot:
 
     def demote(self, entry: ParkedEntry, policy: str = "offload") -> None:
         if entry.pinned:
-            self.kv.free(entry.request, first_out=policy == "offload")
+            self.kv.free(entry.request)
             entry.policy = policy
             self.counts["demoted"] += 1
 
@@ -204,6 +207,9 @@ class ParkingLot:
         self.demote(worst)
         return True
 
+    def _pool_bytes(self) -> int:
+        return sum(m.pool.num_blocks * m.info.layout.nbytes for m in self.kv.managers)
+
     def pinned_share(self) -> float:
         return sum(self.kv.held_share(e.request.request_id) for e in self.entries.values() if e.pinned)
 
@@ -216,7 +222,10 @@ class ParkingLot:
 
     def stats(self) -> dict:
         pinned = [e for e in self.entries.values() if e.pinned]
+        offloaded = [e for e in self.entries.values() if e.policy == "offload"]
         return {"parked": len(self.entries), "pinned": len(pinned), "pinned_share": round(self.pinned_share(), 4),
+                "pinned_bytes": int(self.pinned_share() * self._pool_bytes()),
+                "offloaded": len(offloaded), "offloaded_bytes": sum(e.nbytes for e in offloaded),
                 "decisions": {k: self.counts[k] for k in ("keep", "offload", "discard")},
                 "demoted": self.counts["demoted"], "ttl_expiries": self.counts["ttl_expiries"],
                 "released": self.counts["released"], "resumes": dict(self.resumes), "tools": self.pauses.summary()}

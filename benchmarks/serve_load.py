@@ -1,0 +1,148 @@
+"""`kvtier serve` under concurrent OpenAI clients vs the same requests through offline `LLM.generate`.
+
+U users hold multi-turn conversations (token-id prompts through /v1/completions, so the
+server and the offline engine see exactly the same tokens): each turn appends a user
+message to the history, all users send their turn at once (one thread each, streaming, so
+TTFT and inter-token latency are measured at the client), and the answer is appended for the
+next turn. The offline run sends each turn's prompts as one `LLM.generate` batch and goes
+first; the server's histories append the offline answers' token ids, and its answers' text
+must equal theirs (greedy). Both run
+with and without a CPU tier. Prints JSON.
+
+    python benchmarks/serve_load.py [--users 8] [--turns 4] [--out F]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from bench_io import emit
+
+
+def _workload(args, vocab: int) -> tuple[list[int], list[list[list[int]]]]:
+    rng = random.Random(0)
+    system = [rng.randrange(3, vocab) for _ in range(args.system_tokens)]
+    turns = [[[rng.randrange(3, vocab) for _ in range(rng.randint(32, 96))] for _ in range(args.users)]
+             for _ in range(args.turns)]
+    return system, turns
+
+
+def run_offline(model: str, args, system, turns, tiers: list[str] | None) -> dict:
+    from kvtier import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    histories = [list(system) for _ in range(args.users)]
+    tokens, answers = 0, []
+    with LLM(model, kv_tiers=tiers) as llm:
+        start = time.perf_counter()
+        for turn in turns:
+            for h, msg in zip(histories, turn):
+                h.extend(msg)
+            outs = llm.generate([{"prompt_token_ids": list(h)} for h in histories], params, use_tqdm=False)
+            answers.append([(o.outputs[0].token_ids, o.outputs[0].text) for o in outs])
+            for h, out in zip(histories, outs):
+                h.extend(out.outputs[0].token_ids)
+                tokens += len(out.prompt_token_ids) + len(out.outputs[0].token_ids)
+        seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1), "answers": answers}
+
+
+def _start_server(model: str, tiers: list[str] | None, users: int) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "kvtier", "serve", "--model", model, "--port", "0", "--max-num-seqs", str(users)]
+    cmd += [f"--kv-tier={t}" for t in tiers] if tiers else ["--no-kv-tiers"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        found = re.search(r"listening on (http://\S+)", line)
+        if found:
+            return proc, found.group(1)
+    raise RuntimeError("kvtier serve exited before listening")
+
+
+def run_server(model: str, args, system, turns, answers, tiers: list[str] | None) -> dict:
+    from openai import OpenAI
+
+    proc, url = _start_server(model, tiers, args.users)
+    try:
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        histories = [list(system) for _ in range(args.users)]
+        ttft, itl, cached = [], [], 0
+        tokens, mismatches = 0, 0
+        lock = threading.Lock()
+
+        def one(u: int) -> None:
+            nonlocal tokens, cached, mismatches
+            sent = time.perf_counter()
+            stamps, text = [], ""
+            stream = client.completions.create(model=model, prompt=list(histories[u]), max_tokens=args.max_tokens,
+                                               temperature=0, stream=True, stream_options={"include_usage": True},
+                                               extra_body={"ignore_eos": True})
+            usage = None
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    stamps.append(time.perf_counter())
+                    text += chunk.choices[0].text
+                if getattr(chunk, "usage", None):
+                    usage = chunk.usage
+            with lock:
+                ttft.append(stamps[0] - sent)
+                itl.extend(b - a for a, b in zip(stamps, stamps[1:]))
+                tokens += usage.prompt_tokens + usage.completion_tokens
+                cached += usage.prompt_tokens_details.cached_tokens
+                mismatches += text != expected[u][1]
+
+        start = time.perf_counter()
+        for turn, expected in zip(turns, answers):
+            for h, msg in zip(histories, turn):
+                h.extend(msg)
+            threads = [threading.Thread(target=one, args=(u,)) for u in range(args.users)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for h, (ids, _) in zip(histories, expected):
+                h.extend(ids)
+        seconds = time.perf_counter() - start
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    ms = lambda xs, q: round(1e3 * sorted(xs)[min(len(xs) - 1, int(q * len(xs)))], 1)  # noqa: E731
+    return {"seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1), "cached_tokens": cached,
+            "ttft_ms_p50": ms(ttft, 0.5), "ttft_ms_p99": ms(ttft, 0.99),
+            "itl_ms_p50": ms(itl, 0.5) if itl else None, "itl_ms_p99": ms(itl, 0.99) if itl else None,
+            "answers_differing_from_offline": mismatches}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model dir (default: the 'small' llama, made in a temp dir)")
+    ap.add_argument("--users", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--system-tokens", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    from kvtier.engine.make_model import make_model
+    from kvtier.engine.model_config import load_model_config
+
+    result = {"users": args.users, "turns": args.turns, "max_tokens": args.max_tokens}
+    with tempfile.TemporaryDirectory(prefix="kvtier-serve-load-") as tmp:
+        model = args.model or make_model(os.path.join(tmp, "model"), arch="llama", size="small", seed=0)
+        system, turns = _workload(args, load_model_config(model).vocab_size)
+        for name, tiers in (("no_tier", None), ("cpu_tier", ["cpu:1GiB"])):
+            offline = run_offline(model, args, system, turns, tiers)
+            served = run_server(model, args, system, turns, offline.pop("answers"), tiers)
+            result[name] = {"offline": offline, "server": served,
+                            "server_over_offline": round(served["tokens_per_s"] / offline["tokens_per_s"], 3)}
+    return emit(result, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

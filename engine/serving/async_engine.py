@@ -1,0 +1,201 @@
+"""The engine behind an asyncio server: one thread owns the Engine and runs its step loop.
+
+The Engine is not thread-safe, so nothing else touches it: the event loop hands work to the
+loop thread as commands (add, abort, run a function) and gets results back through futures
+and per-request asyncio queues. After every step the loop thread publishes, for each live
+request, the tokens it gained since the last step and the text they complete.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from kvtier.engine.engine_core import Engine
+from kvtier.engine.outputs import RequestOutput
+from kvtier.engine.sampling_params import SamplingParams
+
+log = logging.getLogger("kvtier.serve")
+
+IDLE_WAIT_S = 0.05  # idle loop period: parked requests still need their TTL ticks
+
+
+@dataclass
+class StreamChunk:
+    """What one request gained in one step. `output` is set on the last chunk only."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict] | None = None  # one {token_id: Logprob} per new token
+    output: RequestOutput | None = None
+    error: str | None = None  # the engine failed (not the request's fault)
+
+
+@dataclass
+class _Tracked:
+    """Loop-thread state of one streamed request."""
+
+    stream: asyncio.Queue
+    detok: object
+    holdback: int  # chars withheld: a stop string may still complete and cut them
+    sent_tokens: int = 0
+    sent_text: str = ""
+    pending_text: str = ""  # decoded but withheld
+    lp: list = field(default_factory=list)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.max_num_seqs = engine.config.max_num_seqs
+        self.num_unfinished = 0  # event-loop side: requests submitted and not yet ended
+        self.num_aborted = 0  # loop-thread side: requests that ended aborted (client gone, shutdown)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._tracked: dict[str, _Tracked] = {}
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="kvtier-engine-loop", daemon=True)
+        self._closed = threading.Event()
+
+    # ---- event-loop side --------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    async def call(self, fn):
+        """Run fn(engine) on the loop thread and return its result (or raise its exception)."""
+        fut = self._loop.create_future()
+        self._commands.put((fn, fut))
+        self._wake.set()
+        return await fut
+
+    async def generate(self, prompt, params: SamplingParams, request_id: str):
+        """Submit a request, then yield its StreamChunks; closing the generator early (the
+        client went away) aborts the request, which frees its blocks in the next step."""
+        stream: asyncio.Queue = asyncio.Queue()
+        self.num_unfinished += 1
+        finished = False
+        try:
+            await self.call(lambda eng: self._add(eng, prompt, params, request_id, stream))
+            while True:
+                chunk = await stream.get()
+                yield chunk
+                if chunk.output is not None or chunk.error is not None:
+                    finished = True
+                    return
+        finally:
+            self.num_unfinished -= 1
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe, fire and forget."""
+        self._commands.put((lambda eng: self._abort(eng, request_id), None))
+        self._wake.set()
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Let running requests finish for up to grace_s, abort the rest, close the engine."""
+        deadline = time.monotonic() + grace_s
+        while self.num_unfinished and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._stopping = True
+        self._wake.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._closed.wait, grace_s + 30)
+
+    # ---- loop-thread side ---------------------------------------------------------------
+    def _add(self, eng: Engine, prompt, params, request_id, stream) -> None:
+        req = eng.add_request(prompt, params, request_id)
+        stops = params.stop or []
+        holdback = max((len(s) for s in stops), default=1) - 1
+        self._tracked[req.request_id] = _Tracked(stream, self.tokenizer.detokenizer(req.prompt_token_ids),
+                                                 holdback)
+
+    def _abort(self, eng: Engine, request_id: str) -> None:
+        eng.abort(request_id)
+
+    def _send(self, tracked: _Tracked, chunk: StreamChunk) -> None:
+        self._loop.call_soon_threadsafe(tracked.stream.put_nowait, chunk)
+
+    def _run(self) -> None:
+        try:
+            while not (self._stopping and not self._tracked):
+                if self._stopping:
+                    for rid in list(self._tracked):
+                        self.engine.abort(rid)
+                self._run_commands()
+                try:
+                    busy = self.engine.has_unfinished() or bool(self._tracked)
+                    outputs = self.engine.step()
+                    self._publish(outputs)
+                except Exception as e:  # a bug in a step must not kill the server: fail the live requests
+                    log.exception("engine step failed")
+                    for rid, tracked in list(self._tracked.items()):
+                        self._send(tracked, StreamChunk("", [], error=f"engine error: {e}"))
+                        self.engine.requests.pop(rid, None)
+                    self._tracked.clear()
+                    busy = False
+                if not busy:
+                    self._wake.wait(IDLE_WAIT_S)
+                    self._wake.clear()
+        finally:
+            try:
+                self.engine.close()  # drains the tier writers
+            finally:
+                self._closed.set()
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result, error = fn(self.engine), None
+            except Exception as e:  # ValueError for bad input; the caller turns it into a 400
+                result, error = None, e
+            if fut is not None:
+                self._loop.call_soon_threadsafe(_settle, fut, result, error)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        for rid, tracked in self._tracked.items():
+            req = self.engine.requests.get(rid)
+            if req is not None and len(req.output_token_ids) > tracked.sent_tokens:
+                self._send(tracked, self._delta(tracked, req.output_token_ids, req.logprobs))
+        for out in outputs:
+            tracked = self._tracked.pop(out.request_id, None)
+            if tracked is None:
+                continue
+            completion = out.outputs[0]
+            self.num_aborted += completion.finish_reason == "abort"
+            chunk = self._delta(tracked, completion.token_ids, completion.logprobs, final_text=completion.text)
+            chunk.output = out
+            self._send(tracked, chunk)
+
+    def _delta(self, tracked: _Tracked, token_ids, logprobs, final_text: str | None = None) -> StreamChunk:
+        new_ids = list(token_ids[tracked.sent_tokens:])
+        new_lp = list(logprobs[tracked.sent_tokens:len(token_ids)]) if logprobs is not None else None
+        tracked.sent_tokens = len(token_ids)
+        if final_text is not None:
+            # The engine's text is cut at the stop string; we never sent past it (holdback).
+            text = final_text[len(tracked.sent_text):] if final_text.startswith(tracked.sent_text) else ""
+        else:
+            tracked.pending_text += tracked.detok.add(new_ids)
+            keep = len(tracked.pending_text) - tracked.holdback
+            text, tracked.pending_text = tracked.pending_text[:max(keep, 0)], tracked.pending_text[max(keep, 0):]
+        tracked.sent_text += text
+        return StreamChunk(text, new_ids, new_lp)
+
+
+def _settle(fut: asyncio.Future, result, error) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
