@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from kvtier.engine.make_model_hybrid import HYBRID_ARCHS, hybrid_config, hybrid_state_dict
+from kvtier.engine.serving.chat_template import DEFAULT_TEMPLATE
 
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")  # ids 0, 1, 2
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -184,6 +185,8 @@ def make_model(out_dir: str, arch: str = "llama", size: str = "tiny", seed: int 
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[BOS_ID],
             "eos_token": SPECIAL_TOKENS[EOS_ID], "pad_token": SPECIAL_TOKENS[PAD_ID],
             "add_bos_token": False, "model_max_length": cfg.get("max_position_embeddings", 131072),
+            # ChatML with Hermes-style <tool_call> blocks: `kvtier serve` renders chats and tools with it.
+            "chat_template": DEFAULT_TEMPLATE,
         },
     )
     return out_dir

@@ -170,7 +170,10 @@ def test_hybrid_models_park(tmp_path, variant, policy):
         assert resumed.kv_sources.get("cpu", 0) >= 64
 
 
-def test_an_offloaded_request_is_prefetched_before_its_expected_resume(model):
+def test_an_offloaded_request_is_prefetched_before_its_expected_resume(model, monkeypatch):
+    from kvtier.engine.parking import parking_lot
+
+    monkeypatch.setattr(parking_lot, "PREFETCH_MIN_S", 0.0)  # a host-memory tier is too fast to bother
     with LLM(model["path"], park_policy="offload", kv_tiers=["cpu:64MiB"]) as llm:
         first = llm.generate(_ids(model["prompt"]),
                              SamplingParams(max_tokens=5, park=ParkParams(expected_pause_s=0.0), **GREEDY),

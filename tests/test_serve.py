@@ -295,3 +295,24 @@ def test_tool_call_output_becomes_tool_calls_whole_and_streamed():
     assert "".join(d.get("content", "") for d in deltas) == "Checking now."
     assert [d["tool_calls"][0]["function"]["name"] for d in deltas if "tool_calls" in d] == ["get_weather"]
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_make_model_writes_a_chat_template_with_tools(model_dir):
+    template = ChatTemplate.for_model(model_dir)
+    text = template.render([{"role": "user", "content": "weather?"}], tools=TOOLS, add_generation_prompt=True)
+    assert "get_weather" in text and "<tool_call>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_api_key_from_the_environment(model_dir):
+    import os
+
+    env = {**os.environ, "KVTIER_API_KEY": "from-env"}
+    proc = subprocess.Popen([sys.executable, "-m", "kvtier.engine.cli", "serve", "--model", model_dir, "--port", "0",
+                             "--no-kv-tiers"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = re.search(r"listening on (http://\S+)", proc.stdout.readline()).group(1)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -32,6 +32,9 @@ from kvtier.engine.request import Request
 
 REVIEW_S = 0.05  # how often kept requests are reconsidered
 PREFETCH_LEAD_S = 0.05  # an offloaded request is loaded back this long before its expected resume
+# Loads shorter than this are not worth a prefetch: they join the step that needs them
+# (a host-memory tier moves a long context in a few ms); slower tiers are prefetched.
+PREFETCH_MIN_S = 0.02
 _FORGOTTEN = 4096  # ids of expired / released entries remembered for clear errors
 DEFAULT_PREFILL_TOKENS_PER_S = 1000.0  # before the engine has measured its own
 
@@ -49,6 +52,7 @@ class ParkedEntry:
     resume_at: float = 0.0  # expected resume (clock time), for the prefetch of an offloaded one
     prefetched: bool = False
     nbytes: int = 0  # device KV bytes of its blocks when it parked
+    transfer_s: float | None = None  # estimated load time from the first tier (None: no tier)
 
     @property
     def pinned(self) -> bool:
@@ -91,6 +95,8 @@ class ParkingLot:
                             req.prompt_token_ids + req.output_token_ids)
         entry.resume_at = now + self.pauses.expected_remaining(params.tool, params.expected_pause_s, 0.0)
         entry.nbytes = int(self.kv.held_share(parked.request_id) * self._pool_bytes())
+        bandwidth = self.tier_bandwidth()
+        entry.transfer_s = entry.nbytes / bandwidth if bandwidth else None
         entry.policy = self._decide(entry, now) if self.policy == "auto" else self.policy
         req = parked
         self.counts["parked"] += 1
@@ -186,7 +192,8 @@ class ParkingLot:
                 if choice != "keep":
                     self.demote(entry, choice)
             if (entry.policy == "offload" and not entry.prefetched and self.prefetch is not None
-                    and now >= entry.resume_at - PREFETCH_LEAD_S):
+                    and (entry.transfer_s or 0) >= PREFETCH_MIN_S
+                    and now >= entry.resume_at - PREFETCH_LEAD_S - entry.transfer_s):
                 entry.prefetched = True
                 self.prefetch(entry)
 
