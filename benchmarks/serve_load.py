@@ -17,7 +17,6 @@ import argparse
 import os
 import random
 import re
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -22,7 +22,8 @@ from kvtier.engine.layers.mamba2 import Mamba2Mixer
 from kvtier.engine.layers.norm import RMSNorm
 from kvtier.engine.layers.rotary import RotaryEmbedding, apply_rotary
 from kvtier.engine.model_config import ModelArchConfig
-from kvtier.engine.models.mamba2 import load_named, mixer_weight_targets, tied_head_skip
+from kvtier.engine.models.mamba2 import mixer_weight_targets
+from kvtier.engine.models.weights import load_named, skip_pattern, tied_head
 
 
 class GraniteAttention(nn.Module):
@@ -130,4 +131,5 @@ class GraniteMoeHybridForCausalLM(nn.Module):
             targets[f"{p}self_attn.o_proj.weight"] = a.o_proj.weight
             if a.o_proj.bias is not None:
                 targets[f"{p}self_attn.o_proj.bias"] = a.o_proj.bias
-        load_named(self.cfg.architecture, targets, named_tensors, tied_head_skip(self.cfg))
+        skip = skip_pattern(*tied_head(self.cfg.tie_word_embeddings))
+        load_named(self.cfg.architecture, targets, named_tensors, skip)

@@ -7,7 +7,6 @@ maps Hugging Face's separate tensors onto their row ranges.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import torch
@@ -22,9 +21,10 @@ from kvtier.engine.attention.paged_attention import PagedAttention
 from kvtier.engine.kv_cache.specs import FullAttentionSpec, LayerKVSpec, SlidingWindowSpec
 from kvtier.engine.layers.rotary import RotaryEmbedding, apply_rotary
 from kvtier.engine.model_config import ModelArchConfig
+from kvtier.engine.models.weights import load_named, skip_pattern, tied_head
 
 # Tensors some checkpoints carry that the model recomputes instead of loading.
-_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+_IGNORED = r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"
 
 
 class LlamaAttention(nn.Module):
@@ -147,26 +147,10 @@ class LlamaForCausalLM(nn.Module):
                     targets[f"{p}{name}.bias"] = (module.bias, None, None)
         return targets
 
-    @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the model (converting dtype/device). Raises ValueError on
         an unknown name, a shape mismatch, or, once all are consumed, any missing tensor."""
-        targets = self._weight_targets()
-        loaded: set[str] = set()
-        for name, tensor in named_tensors:
-            if _IGNORED.match(name) or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
-                continue  # a tied checkpoint may still store the head: the embedding governs
-            if name not in targets:
-                raise ValueError(f"unexpected tensor {name!r} for {self.cfg.architecture}")
-            param, start, rows = targets[name]
-            dst = param if start is None else param.narrow(0, start, rows)
-            if tuple(tensor.shape) != tuple(dst.shape):
-                raise ValueError(
-                    f"tensor {name!r} has shape {tuple(tensor.shape)} but the model expects {tuple(dst.shape)}"
-                )
-            dst.copy_(tensor)
-            loaded.add(name)
-        missing = [n for n in targets if n not in loaded]
-        if missing:
-            shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
-            raise ValueError(f"missing tensor(s): {shown}")
+        targets = {name: param if start is None else param.narrow(0, start, rows)
+                   for name, (param, start, rows) in self._weight_targets().items()}
+        skip = skip_pattern(_IGNORED, *tied_head(self.cfg.tie_word_embeddings))
+        load_named(self.cfg.architecture, targets, named_tensors, skip)

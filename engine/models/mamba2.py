@@ -5,7 +5,6 @@ state slots named in the step's SsmMetadata (`meta.groups[layer.mixer.group]`).
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import torch
@@ -16,6 +15,7 @@ from kvtier.engine.layers.embedding import LMHead, VocabEmbedding
 from kvtier.engine.layers.mamba2 import Mamba2Mixer
 from kvtier.engine.layers.norm import RMSNorm
 from kvtier.engine.model_config import ModelArchConfig
+from kvtier.engine.models.weights import load_named, skip_pattern, tied_head
 
 
 def mixer_weight_targets(prefix: str, mixer: Mamba2Mixer) -> dict[str, nn.Parameter]:
@@ -33,34 +33,6 @@ def mixer_weight_targets(prefix: str, mixer: Mamba2Mixer) -> dict[str, nn.Parame
                 "conv1d.bias": mixer.conv_bias}
     targets.update({f"{prefix}{name}": p for name, p in optional.items() if p is not None})
     return targets
-
-
-@torch.no_grad()
-def load_named(model_name: str, targets: dict[str, nn.Parameter], named_tensors: Iterable[tuple[str, torch.Tensor]],
-               skip: re.Pattern | None = None) -> None:
-    """Copy HF-named tensors onto `targets`; ValueError on an unknown name, a shape mismatch or a
-    tensor left missing at the end. Names matching `skip` are ignored."""
-    loaded: set[str] = set()
-    for name, tensor in named_tensors:
-        if skip is not None and skip.match(name):
-            continue
-        if name not in targets:
-            raise ValueError(f"unexpected tensor {name!r} for {model_name}")
-        param = targets[name]
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} but the model expects "
-                             f"{tuple(param.shape)}")
-        param.copy_(tensor)
-        loaded.add(name)
-    missing = [n for n in targets if n not in loaded]
-    if missing:
-        shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
-        raise ValueError(f"missing tensor(s): {shown}")
-
-
-def tied_head_skip(cfg: ModelArchConfig) -> re.Pattern | None:
-    """A tied checkpoint may still store the head: the embedding governs, so it is skipped."""
-    return re.compile(r"^lm_head\.weight$") if cfg.tie_word_embeddings else None
 
 
 class Mamba2Block(nn.Module):
@@ -107,4 +79,5 @@ class Mamba2ForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             targets[f"backbone.layers.{i}.norm.weight"] = layer.norm.weight
             targets.update(mixer_weight_targets(f"backbone.layers.{i}.mixer.", layer.mixer))
-        load_named(self.cfg.architecture, targets, named_tensors, tied_head_skip(self.cfg))
+        skip = skip_pattern(*tied_head(self.cfg.tie_word_embeddings))
+        load_named(self.cfg.architecture, targets, named_tensors, skip)
