@@ -21,6 +21,9 @@ from kvtier.engine.sampling_params import SamplingParams
 log = logging.getLogger("kvtier.serve")
 
 IDLE_WAIT_S = 0.05  # idle loop period: parked requests still need their TTL ticks
+# When a request wakes an idle engine, wait this long for the ones arriving with it (clients
+# of one turn send within milliseconds), so their prefills share the first step.
+GATHER_S = 0.003
 
 
 @dataclass
@@ -141,7 +144,8 @@ class AsyncEngine:
                     self._tracked.clear()
                     busy = False
                 if not busy:
-                    self._wake.wait(IDLE_WAIT_S)
+                    if self._wake.wait(IDLE_WAIT_S):
+                        time.sleep(GATHER_S)
                     self._wake.clear()
         finally:
             try:
