@@ -11,13 +11,13 @@ import time
 
 import pytest
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+import httpx
+import openai
 
-from kvtier.engine.llm import LLM  # noqa: E402
-from kvtier.engine.make_model import make_model  # noqa: E402
-from kvtier.engine.serving.chat_template import DEFAULT_TEMPLATE, ChatTemplate  # noqa: E402
-from kvtier.engine.serving.tool_calls import parse_tool_calls, streamable_prefix  # noqa: E402
+from kvtier.engine.llm import LLM
+from kvtier.engine.make_model import make_model
+from kvtier.engine.serving.chat_template import DEFAULT_TEMPLATE, ChatTemplate
+from kvtier.engine.serving.tool_calls import parse_tool_calls, streamable_prefix
 
 KEY = "test-key"
 MODEL = "tiny"

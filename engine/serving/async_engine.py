@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from kvtier.engine.engine_core import Engine
 from kvtier.engine.outputs import RequestOutput
 from kvtier.engine.sampling_params import SamplingParams
+from kvtier.kvstore.faults import FaultLog
 
 log = logging.getLogger("kvtier.serve")
 
@@ -58,6 +59,7 @@ class AsyncEngine:
         self.max_num_seqs = engine.config.max_num_seqs
         self.num_unfinished = 0  # event-loop side: requests submitted and not yet ended
         self.num_aborted = 0  # loop-thread side: requests that ended aborted (client gone, shutdown)
+        self.faults = FaultLog(log)  # engine steps that raised: counted by kind, logged rate-limited
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._tracked: dict[str, _Tracked] = {}
@@ -137,7 +139,7 @@ class AsyncEngine:
                     outputs = self.engine.step()
                     self._publish(outputs)
                 except Exception as e:  # a bug in a step must not kill the server: fail the live requests
-                    log.exception("engine step failed")
+                    self.faults.record("engine step", e)
                     for rid, tracked in list(self._tracked.items()):
                         self._send(tracked, StreamChunk("", [], error=f"engine error: {e}"))
                         self.engine.requests.pop(rid, None)
