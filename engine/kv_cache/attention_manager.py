@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from kvtier.engine.kv_cache.block_pool import KVBlock
-from kvtier.engine.kv_cache.group_manager import GroupHits, GroupManager
+from kvtier.engine.kv_cache.group_manager import GroupHits, GroupManager, StepPlan
 from kvtier.engine.request import Request
 
 
@@ -53,30 +53,21 @@ class FullAttentionManager(GroupManager):
             hits.append(block)
         return _PrefixHits(hits)
 
-    def release_unneeded(self, request: Request) -> None:
-        """Nothing leaves a full-attention context."""
-
-    def admission_headroom(self) -> int:
-        """Free blocks, beyond its first step's, a new request must leave to admit it."""
-        return 0
-
-    def needs(self, request: Request, hits: list[KVBlock | None], total_tokens: int) -> tuple[int, int]:
-        """(new blocks for total_tokens, idle cached hits this takes out of the free queue)."""
+    def needs(self, request: Request, hits: list[KVBlock | None], plan: StepPlan) -> tuple[int, int]:
+        """(new blocks up to plan.total, idle cached hits this takes out of the free queue)."""
         held = len(self.req_blocks.get(request.request_id, ())) + len(hits)
         idle = sum(1 for b in hits if b is not None and b.ref_cnt == 0)
-        return max(0, -(-total_tokens // self.block_size) - held), idle
+        return max(0, -(-plan.total // self.block_size) - held), idle
 
-    def apply(self, request: Request, hits: list[KVBlock | None], total_tokens: int,
-              publish_tokens: int | None) -> None:
-        """Take the hits and allocate blocks up to total_tokens; publish blocks full at publish_tokens."""
-        touched = [b for b in hits if b is not None]
-        self.pool.touch(touched)
-        new, _ = self.needs(request, hits, total_tokens)
+    def apply(self, request: Request, hits: list[KVBlock | None], plan: StepPlan, new: int) -> None:
+        """Take the hits and `new` blocks; publish the blocks this step fills (a load's are
+        published once it succeeds: publish_loaded)."""
+        self.pool.touch([b for b in hits if b is not None])
         blocks = self.req_blocks.setdefault(request.request_id, [])
         blocks.extend(hits)
         blocks.extend(self.pool.allocate(new))
-        if publish_tokens is not None:
-            self._publish(request, blocks, publish_tokens, computed=True)
+        if not plan.loading:
+            self._publish(request, blocks, plan.total, computed=True)
 
     def publish_loaded(self, request: Request, num_tokens: int) -> None:
         self._publish(request, self.req_blocks[request.request_id], num_tokens, computed=False)
@@ -95,19 +86,36 @@ class SlidingWindowManager(FullAttentionManager):
         ]
         return _WindowHits(cached, lambda n: self.info.first_visible_block(n * bs, bs))
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Per request: its table holds None before this index (released, or never held), so
+        # each step looks only at the blocks that left the window since the last one.
+        self._released: dict[str, int] = {}
+
     def release_unneeded(self, request: Request) -> None:
         """Free the blocks no later query of the request can see (they stay cached)."""
-        table = self.req_blocks.get(request.request_id)
+        rid = request.request_id
+        table = self.req_blocks.get(rid)
         if not table:
             return
-        first = self.info.first_visible_block(request.num_computed_tokens, self.block_size)
-        gone = []
-        for i in range(min(first, len(table))):
-            if table[i] is not None:
-                gone.append(table[i])
-                table[i] = None
+        first = min(self.info.first_visible_block(request.num_computed_tokens, self.block_size), len(table))
+        done = self._released.get(rid, 0)
+        if first <= done:
+            return
+        gone = [b for b in table[done:first] if b is not None]
+        table[done:first] = [None] * (first - done)
+        self._released[rid] = first
         if gone:
             self.pool.free(reversed(gone))
+
+    def free(self, request: Request, first_out: bool = False) -> None:
+        self._released.pop(request.request_id, None)
+        super().free(request, first_out)
+
+    def transfer(self, old: Request, new: Request) -> None:
+        super().transfer(old, new)
+        if old.request_id in self._released:
+            self._released[new.request_id] = self._released.pop(old.request_id)
 
     def admission_headroom(self) -> int:
         """A prefill's next chunk takes new blocks before the previous chunk's leave the

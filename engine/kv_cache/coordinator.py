@@ -16,6 +16,7 @@ from kvtier.connectors.groups import GroupInfo
 from kvtier.engine.kv_cache.attention_manager import FullAttentionManager, SlidingWindowManager
 from kvtier.engine.kv_cache.block_hash import extend_block_hashes
 from kvtier.engine.kv_cache.block_pool import KVBlock
+from kvtier.engine.kv_cache.group_manager import StepPlan
 from kvtier.engine.kv_cache.ssm_manager import SsmStateManager
 from kvtier.engine.kv_cache.specs import KVGroup
 from kvtier.engine.request import Request
@@ -48,7 +49,6 @@ class KVCacheCoordinator:
                 self.managers.append(SlidingWindowManager(*args))
             else:
                 self.managers.append(FullAttentionManager(*args))
-        self._ssm = [m for m in self.managers if isinstance(m, SsmStateManager)]
         # A partial load is usable up to its first bad block only when every group is plain
         # full attention; otherwise the blocks loaded do not form a shorter resume point.
         self.partial_loads = all(g.kind == "full" for g in groups) and len(groups) == 1
@@ -105,16 +105,13 @@ class KVCacheCoordinator:
         hits = hit.blocks if hit is not None else [[] for _ in self.managers]
         device_tokens = request.num_computed_tokens + (hit.num_tokens if hit is not None else 0)
         start = device_tokens + num_external_tokens
-        total = start + num_new_tokens
-        loading = num_external_tokens > 0
+        plan = StepPlan(device_tokens, start, num_new_tokens, num_external_tokens > 0)
         for m in self.managers:
             m.release_unneeded(request)
         admitting = hit is not None
+        new_blocks = []
         for m, h in zip(self.managers, hits):
-            if isinstance(m, SsmStateManager):
-                new, idle = m.needs(request, h, total, loading)
-            else:
-                new, idle = m.needs(request, h, total)
+            new, idle = m.needs(request, h, plan)
             # Headroom protects running requests; none to protect (an idle pool), or a pool
             # too small to ever leave it: admit without.
             headroom = m.admission_headroom() if admitting and m.pool.num_free_blocks < m.pool.num_blocks else 0
@@ -122,20 +119,15 @@ class KVCacheCoordinator:
                 headroom = 0
             if new + headroom > m.pool.num_free_blocks - idle:
                 return False
-        publish = None if loading else total
-        for m, h in zip(self.managers, hits):
-            if isinstance(m, SsmStateManager):
-                m.apply(request, h, start, num_new_tokens, device_tokens, loading)
-            else:
-                m.apply(request, h, total, publish)
+            new_blocks.append(new)
+        for m, h, new in zip(self.managers, hits, new_blocks):
+            m.apply(request, h, plan, new)
         return True
 
     def step_view(self, request: Request, num_computed: int) -> tuple:
         """Per group, what this step's forward needs: the block table of an attention group,
         (init slot, live slot, checkpoints) of an SSM group."""
-        rid = request.request_id
-        return tuple(m.step_view(request, num_computed) if isinstance(m, SsmStateManager) else m.block_ids(rid)
-                     for m in self.managers)
+        return tuple(m.step_view(request, num_computed) for m in self.managers)
 
     def load_block_ids(self, request: Request, device_tokens: int, resume_tokens: int) -> tuple[list[int], ...]:
         """Per group, the device blocks a connector fills, in GroupInfo.blocks_to_load order."""
@@ -160,7 +152,7 @@ class KVCacheCoordinator:
             m.publish_loaded(request, num_tokens)
 
     def end_step(self) -> None:
-        for m in self._ssm:
+        for m in self.managers:
             m.end_step()
 
     def free(self, request: Request, first_out: bool = False) -> None:

@@ -7,10 +7,26 @@ connectors saving to tiers, find them. Only the coordinator calls managers.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from kvtier.connectors.groups import GroupInfo
 from kvtier.engine.kv_cache.block_pool import BlockPool, KVBlock
 from kvtier.engine.kv_cache.specs import KVGroup
 from kvtier.engine.request import Request
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One allocation, as every group manager sees it (positions are token counts)."""
+
+    device_tokens: int  # the request's device resume point (computed + cached hit)
+    start: int  # first token computed this step (after what a connector loads)
+    num_new: int  # tokens computed this step
+    loading: bool  # a connector loads [device_tokens, start) first
+
+    @property
+    def total(self) -> int:
+        return self.start + self.num_new
 
 
 class GroupHits:
@@ -44,6 +60,20 @@ class GroupManager:
     @property
     def index(self) -> int:
         return self.group.index
+
+    def release_unneeded(self, request: Request) -> None:
+        """Before an allocation: give back what no later step of the request reads."""
+
+    def admission_headroom(self) -> int:
+        """Free blocks, beyond its first step's, a new request must leave to admit it."""
+        return 0
+
+    def step_view(self, request: Request, num_computed: int):
+        """What this step's forward needs of the group: here, the request's block table."""
+        return self.block_ids(request.request_id)
+
+    def end_step(self) -> None:
+        """The step's forward has run."""
 
     def take_newly_full(self) -> list[tuple[int, bytes]]:
         out, self.newly_full = self.newly_full, []

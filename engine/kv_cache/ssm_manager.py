@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 from kvtier.engine.attention.ssm_metadata import NO_SLOT
 from kvtier.engine.kv_cache.block_pool import KVBlock
-from kvtier.engine.kv_cache.group_manager import GroupHits, GroupManager
+from kvtier.engine.kv_cache.group_manager import GroupHits, GroupManager, StepPlan
 from kvtier.engine.request import Request
 
 _SEEN_PREFIXES = 65536  # prompt block hashes remembered to find branch points
@@ -93,36 +93,32 @@ class SsmStateManager(GroupManager):
             st.fallback = None
         self.pool.free(done)
 
-    def admission_headroom(self) -> int:
-        return 0
-
-    def needs(self, request: Request, hits: list[KVBlock | None], total_tokens: int,
-              loading: bool = False) -> tuple[int, int]:
+    def needs(self, request: Request, hits: list[KVBlock | None], plan: StepPlan) -> tuple[int, int]:
+        """(a live slot if the request has none, plus one for a checkpoint to load; idle hits)."""
         st = self.states.get(request.request_id)
-        new = int(st is None or st.live is None) + int(loading)
+        new = int(st is None or st.live is None) + int(plan.loading)
         idle = sum(1 for b in hits if b is not None and b.ref_cnt == 0)
         return new, idle
 
-    def apply(self, request: Request, hits: list[KVBlock | None], start: int, num_new: int,
-              device_tokens: int, loading: bool) -> None:
+    def apply(self, request: Request, hits: list[KVBlock | None], plan: StepPlan, new: int) -> None:
         """Take the hit checkpoint, a live slot, a slot for a checkpoint to load, and
         checkpoint slots for the positions this step computes past."""
         rid = request.request_id
         st = self.states.get(rid)
         if st is None:
-            st = self.states[rid] = _SsmState(self._admission_positions(request, device_tokens))
+            st = self.states[rid] = _SsmState(self._admission_positions(request, plan.device_tokens))
         hit = next((b for b in hits if b is not None), None)
         if hit is not None:
             self.pool.touch([hit])
-            st.init, st.init_pos = hit, device_tokens
+            st.init, st.init_pos = hit, plan.device_tokens
         if st.live is None:
             st.live = self.pool.allocate(1)[0]
-        if loading:
+        if plan.loading:
             st.fallback = st.init
             st.init = self.pool.allocate(1)[0]
-            st.init_pos = start
-        if num_new:
-            self._plan_checkpoints(request, st, start, start + num_new)
+            st.init_pos = plan.start
+        if plan.num_new:
+            self._plan_checkpoints(request, st, plan.start, plan.total)
 
     def _admission_positions(self, request: Request, resume: int) -> set[int]:
         bs = self.block_size
