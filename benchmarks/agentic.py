@@ -8,13 +8,17 @@ turns, pauses and tokens; "discard, no tier" is what an engine without parking o
 does. Prints JSON (throughput, turns/s, TTFT p50/p99, recomputed tokens per policy and mix)
 and draws a PNG when matplotlib is installed (`pip install -e '.[bench]'`).
 
-    python benchmarks/agentic.py [--agents 12] [--turns 10] [--mixes fast,slow,mixed] [--png agentic.png]
+    python benchmarks/agentic.py [--agents 12] [--turns 10] [--mixes fast,slow,mixed] [--repeats 3] [--png agentic.png]
+
+Each repeat runs every policy once, in an order rotated per repeat, so a slow spell on a
+shared machine lands on different policies; each figure is the median over repeats.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -103,6 +107,23 @@ def run_policy(model: str, args, plans, policy: str, tier: bool) -> dict:
             "decisions": stats["decisions"], "demoted": stats["demoted"], "resumes": stats["resumes"]}
 
 
+def _repeated(model: str, args, plans) -> dict:
+    """Every policy `args.repeats` times, rotating the order; medians plus each repeat's turns/s."""
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in POLICY_RUNS}
+    for r in range(args.repeats):
+        order = POLICY_RUNS[r % len(POLICY_RUNS):] + POLICY_RUNS[:r % len(POLICY_RUNS)]
+        for name, policy, tier in order:
+            runs[name].append(run_policy(model, args, plans, policy, tier))
+    rows = {}
+    for name, samples in runs.items():
+        row = {key: statistics.median(s[key] for s in samples) for key, value in samples[0].items()
+               if isinstance(value, (int, float))}
+        row["decisions"] = samples[0]["decisions"]
+        row["turns_per_s_runs"] = [s["turns_per_s"] for s in samples]
+        rows[name] = row
+    return rows
+
+
 def _plot(result: dict, path: str) -> str | None:
     try:
         import matplotlib
@@ -140,21 +161,24 @@ def main(argv=None) -> int:
     ap.add_argument("--output-tokens", type=int, default=8)
     ap.add_argument("--device-kv", type=int, default=48 << 20, help="device KV bytes (too few for every agent)")
     ap.add_argument("--mixes", default="fast,slow,mixed")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per policy; figures are medians")
     ap.add_argument("--png", default="agentic.png")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     from kvtier.engine.make_model import make_model
     from kvtier.engine.model_config import load_model_config
 
     with tempfile.TemporaryDirectory(prefix="kvtier-agentic-") as tmp:
         model = args.model or make_model(os.path.join(tmp, "model"), arch="llama", size="small", seed=0)
         vocab = load_model_config(model).vocab_size
-        result = {"agents": args.agents, "turns": args.turns, "device_kv_bytes": args.device_kv, "mixes": {}}
+        result = {"agents": args.agents, "turns": args.turns, "repeats": args.repeats, "device_kv_bytes": args.device_kv, "mixes": {}}
         for m, mix in enumerate(args.mixes.split(",")):
             if mix not in MIXES:
                 raise SystemExit(f"--mixes: unknown {mix!r}; choose from {', '.join(MIXES)}")
             plans = _plan(args, vocab, mix, seed=m)
-            rows = {name: run_policy(model, args, plans, policy, tier) for name, policy, tier in POLICY_RUNS}
+            rows = _repeated(model, args, plans)
             best = max(rows[n]["turns_per_s"] for n in ("keep", "offload", "discard"))
             rows["auto_over_discard_no_tier"] = round(rows["auto"]["turns_per_s"] / rows["discard, no tier"]["turns_per_s"], 3)
             rows["auto_over_best_fixed"] = round(rows["auto"]["turns_per_s"] / best, 3)

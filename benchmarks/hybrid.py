@@ -86,20 +86,22 @@ def sliding_section(args, tmp: str) -> dict:
 
 
 # ---- granite hybrid, multi-turn ------------------------------------------------------------
-def _chat_rounds(llm, args) -> dict:
+def _chat_rounds(llm, args, vocab: int) -> dict:
     from kvtier import SamplingParams
 
     rng = random.Random(1)
-    system = [rng.randrange(3, 32000) for _ in range(args.system_tokens)]
+    system = [rng.randrange(3, vocab) for _ in range(args.system_tokens)]
     histories = [list(system) for _ in range(args.users)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompt_tokens = cached = 0
     ttfts = []
     for _ in range(args.turns):
         for h in histories:
-            h.extend(rng.randrange(3, 32000) for _ in range(rng.randint(40, 80)))
+            h.extend(rng.randrange(3, vocab) for _ in range(rng.randint(40, 80)))
         outs = llm.generate([{"prompt_token_ids": list(h)} for h in histories], params, use_tqdm=False)
         for h, out in zip(histories, outs):
+            if out.error:
+                raise RuntimeError(f"granite chat: {out.error}")
             h.extend(out.outputs[0].token_ids)
             prompt_tokens += len(out.prompt_token_ids)
             cached += out.num_cached_tokens
@@ -113,6 +115,9 @@ def granite_section(args, tmp: str) -> dict:
     from kvtier.engine.make_model import make_model
 
     path = make_model(os.path.join(tmp, "granite"), arch="granite-hybrid", size=args.granite_size, seed=0)
+    from kvtier.engine.model_config import load_model_config
+
+    vocab = load_model_config(path).vocab_size  # the tiny model's is small
     # A device pool of `granite_blocks` attention blocks and `granite_slots` state slots:
     # too small for every conversation, so older ones leave the device between turns.
     with LLM(path, max_num_seqs=args.users, max_model_len=2048) as probe:
@@ -131,7 +136,7 @@ def granite_section(args, tmp: str) -> dict:
     }
     for name, extra in configs.items():
         with LLM(path, **sizing, **extra) as llm:
-            rows[name] = _chat_rounds(llm, args)
+            rows[name] = _chat_rounds(llm, args, vocab)
     base = rows["no_tier"]["ttft_ms_mean"]
     for row in rows.values():
         row["ttft_over_no_tier"] = round(row["ttft_ms_mean"] / base, 3)

@@ -7,9 +7,10 @@ TTFT and inter-token latency are measured at the client), and the answer is appe
 next turn. The offline run sends each turn's prompts as one `LLM.generate` batch and goes
 first; the server's histories append the offline answers' token ids, and its answers' text
 must equal theirs (greedy). Both run
-with and without a CPU tier. Prints JSON.
+with and without a CPU tier, `--repeats` times in alternating order (offline first, then
+server first); the ratio is of the median throughputs. Prints JSON.
 
-    python benchmarks/serve_load.py [--users 8] [--turns 4] [--out F]
+    python benchmarks/serve_load.py [--users 8] [--turns 4] [--repeats 3] [--out F]
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,6 +121,16 @@ def run_server(model: str, args, system, turns, answers, tiers: list[str] | None
             "answers_differing_from_offline": mismatches}
 
 
+def _median(runs: list[dict]) -> dict:
+    """Per figure, the median over runs; throughputs of each run kept for the spread."""
+    row = {key: statistics.median(r[key] for r in runs) for key, value in runs[0].items()
+           if isinstance(value, (int, float)) and all(r.get(key) is not None for r in runs)}
+    row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs]
+    if "answers_differing_from_offline" in row:
+        row["answers_differing_from_offline"] = sum(r["answers_differing_from_offline"] for r in runs)
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model dir (default: the 'small' llama, made in a temp dir)")
@@ -126,20 +138,32 @@ def main(argv=None) -> int:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--system-tokens", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per side; figures are medians")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     from kvtier.engine.make_model import make_model
     from kvtier.engine.model_config import load_model_config
 
-    result = {"users": args.users, "turns": args.turns, "max_tokens": args.max_tokens}
+    result = {"users": args.users, "turns": args.turns, "max_tokens": args.max_tokens, "repeats": args.repeats}
     with tempfile.TemporaryDirectory(prefix="kvtier-serve-load-") as tmp:
         model = args.model or make_model(os.path.join(tmp, "model"), arch="llama", size="small", seed=0)
         system, turns = _workload(args, load_model_config(model).vocab_size)
         for name, tiers in (("no_tier", None), ("cpu_tier", ["cpu:1GiB"])):
-            offline = run_offline(model, args, system, turns, tiers)
-            served = run_server(model, args, system, turns, offline.pop("answers"), tiers)
-            result[name] = {"offline": offline, "server": served,
-                            "server_over_offline": round(served["tokens_per_s"] / offline["tokens_per_s"], 3)}
+            offline, served = [], []
+            answers = None
+            for r in range(args.repeats):
+                # Alternate which side runs first so a slow spell on the machine hits both.
+                for side in (("offline", "server") if r % 2 == 0 else ("server", "offline")):
+                    if side == "offline" or answers is None:
+                        offline.append(run_offline(model, args, system, turns, tiers))
+                        answers = offline[-1].pop("answers")
+                    if side == "server":
+                        served.append(run_server(model, args, system, turns, answers, tiers))
+            result[name] = {"offline": _median(offline), "server": _median(served),
+                            "server_over_offline": round(statistics.median(s["tokens_per_s"] for s in served)
+                                                         / statistics.median(o["tokens_per_s"] for o in offline), 3)}
     return emit(result, args.out)
 
 

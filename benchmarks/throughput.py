@@ -1,9 +1,10 @@
 """Offline throughput: kvtier vs Hugging Face transformers `generate`, same model, same requests.
 
-Both run in this process, one after the other, on the same `small` random-weight model and
-the same 64 requests (prompts 32-1024 tokens, outputs 16-256 tokens, every output forced to
-its length with ignore_eos / min_new_tokens). transformers gets its best case: requests
-sorted by prompt length and batched with left padding (`--hf-batch-size`); its extra tokens
+Both run in this process, one after the other (each after a short untimed warm-up), on the
+same `small` random-weight model and the same 64 requests (prompts 32-1024 tokens, outputs
+16-256 tokens, every output forced to its length with ignore_eos / min_new_tokens).
+transformers gets its best case: requests sorted by prompt length and batched with left
+padding (`--hf-batch-size`); its extra tokens
 past a request's own length are not counted. Prints one JSON object.
 
     python benchmarks/throughput.py [--requests 64] [--hf-batch-size 8] [--out results.json]
@@ -35,6 +36,7 @@ def run_kvtier(model_dir: str, requests, max_num_batched_tokens: int) -> tuple[f
     llm = LLM(model_dir, dtype="float32", max_num_batched_tokens=max_num_batched_tokens)
     prompts = [{"prompt_token_ids": p} for p, _ in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for _, m in requests]
+    llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up, untimed
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -48,6 +50,8 @@ def run_transformers(model_dir: str, requests, batch_size: int) -> tuple[float, 
     pad = 0
     order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
     results: list[list[int]] = [[] for _ in requests]
+    with torch.inference_mode():  # warm-up, untimed, as kvtier's
+        model.generate(input_ids=torch.tensor([requests[0][0]]), do_sample=False, max_new_tokens=2, pad_token_id=pad)
     start = time.perf_counter()
     with torch.inference_mode():
         for b in range(0, len(order), batch_size):

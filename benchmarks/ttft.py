@@ -5,6 +5,8 @@ scratch (recompute), (2) the same prompt again hits the device prefix cache, (3)
 cache is dropped and the prompt comes back from the tier. `--slow-ms` adds rows for a tier
 made slow on purpose (a delay per get call plus a bandwidth cap), to show that the
 load-or-recompute planner keeps TTFT within a few percent of recompute however slow it is.
+`--prompt-tokens 1024,4096,8176` measures every length (one row per tier and length), for
+a plot of TTFT against context length.
 
     python benchmarks/ttft.py [--prompt-tokens 8176] [--tier cpu:2GiB --tier lmdb:/tmp/x?size=4GiB]
                               [--slow-ms 0,5,50,500] [--repeats 3] [--out f.json]
@@ -103,26 +105,37 @@ def measure(llm: LLM, vocab: int, n_tokens: int, repeats: int, rng: random.Rando
     return row
 
 
-def slow_tier_row(model: str, delay_s: float, args, rng: random.Random) -> dict:
+def slow_tier_row(model: str, delay_s: float, n_tokens: int, args, rng: random.Random) -> dict:
     cfg = load_model_config(model)
     layout = BlockLayout((cfg.num_layers, 2, 16, cfg.num_kv_heads, cfg.head_dim), torch.float32, torch.device("cpu"))
     slow = SlowTier(CpuTier(2 << 30, layout), delay_s, args.slow_bandwidth)
     with LLM(model, kv_connector="tiered", kv_connector_config={"tiers": [slow]}) as llm:
         # One read through the tier first, so the planner has measured it (until then it
         # assumes the tier's nominal bandwidth).
-        warm = [rng.randrange(3, cfg.vocab_size) for _ in range(args.prompt_tokens)]
+        warm = [rng.randrange(3, cfg.vocab_size) for _ in range(n_tokens)]
         _ttft(llm, warm)
         llm.engine.connector.flush()
         _drop_device_cache(llm)
         _ttft(llm, warm)
-        row = measure(llm, cfg.vocab_size, args.prompt_tokens, args.repeats, rng)
-    return {"tier": f"slow cpu (+{delay_s * 1000:g} ms/call, {args.slow_bandwidth / 1e6:g} MB/s)", **row}
+        row = measure(llm, cfg.vocab_size, n_tokens, args.repeats, rng)
+    return {"tier": f"slow cpu (+{delay_s * 1000:g} ms/call, {args.slow_bandwidth / 1e6:g} MB/s)",
+            "prompt_tokens": n_tokens, **row}
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive token counts, got {text!r}")
+    return lengths
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model dir (default: the 'small' llama, made in a temp dir)")
-    ap.add_argument("--prompt-tokens", type=int, default=8176)
+    ap.add_argument("--prompt-tokens", type=_lengths, default=[8176], help="one length or several, comma-separated")
     ap.add_argument("--tier", action="append", default=None, help="tier spec (repeatable); default cpu:2GiB")
     ap.add_argument("--slow-ms", default="", help="comma-separated per-call delays (ms) for slow-tier rows")
     ap.add_argument("--slow-bandwidth", type=float, default=200e6, help="bytes/s cap of the slow tier")
@@ -137,10 +150,14 @@ def main(argv=None) -> int:
     rows = []
     for spec in args.tier or ["cpu:2GiB"]:
         with LLM(model, kv_tiers=[spec]) as llm:
-            rows.append({"tier": spec, **measure(llm, vocab, args.prompt_tokens, args.repeats, rng)})
+            _ttft(llm, [rng.randrange(3, vocab) for _ in range(min(args.prompt_tokens))])  # warm-up, untimed
+            for n in args.prompt_tokens:
+                rows.append({"tier": spec, "prompt_tokens": n, **measure(llm, vocab, n, args.repeats, rng)})
     for ms in [float(x) for x in args.slow_ms.split(",") if x]:
-        rows.append(slow_tier_row(model, ms / 1000, args, rng))
-    result = {"benchmark": "ttft", "prompt_tokens": args.prompt_tokens, "rows": rows}
+        for n in args.prompt_tokens:
+            rows.append(slow_tier_row(model, ms / 1000, n, args, rng))
+    lengths = args.prompt_tokens[0] if len(args.prompt_tokens) == 1 else args.prompt_tokens
+    result = {"benchmark": "ttft", "prompt_tokens": lengths, "rows": rows}
     return emit(result, args.out)
 
 

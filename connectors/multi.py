@@ -1,12 +1,22 @@
 """MultiConnector: loads from the child with the longest prefix (the first on ties), saves to all.
 
+A child's load that names no sources is credited to that child's name (its `name`, else the
+name it was configured by), as the engine does for a connector on its own.
+
 Config: {"connectors": [{"name": "tiered", "config": {...}}, {"name": "pkg.mod:Cls"}, ...]}
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvtier.connectors.base import ConnectorContext, ConnectorMetadata, ConnectorOutput, KVConnector, Request
+from kvtier.connectors.base import (
+    ConnectorContext,
+    ConnectorMetadata,
+    ConnectorOutput,
+    KVConnector,
+    LoadResult,
+    Request,
+)
 
 
 @dataclass
@@ -27,11 +37,15 @@ class MultiConnector(KVConnector):
         if not entries or not isinstance(entries, list):
             raise ValueError("kv_connector_config: 'connectors' must be a non-empty list of {name, config}")
         self.children: list[KVConnector] = []
+        self.names: list[str] = []
         for entry in entries:
             if not isinstance(entry, dict) or "name" not in entry:
                 raise ValueError(f"kv_connector_config: each connector needs a 'name', got {entry!r}")
-            self.children.append(build_connector(entry["name"], entry.get("config"), context))
+            child = build_connector(entry["name"], entry.get("config"), context)
+            self.children.append(child)
+            self.names.append(child.name or str(entry["name"]).rpartition(":")[2])
         self._chosen: dict[str, int] = {}
+        self._loading: dict[str, tuple[int, int]] = {}  # request id -> (child, tokens it loads)
         self._holding: dict[str, set[int]] = {}
 
     def lookup(self, request: Request, num_device_tokens: int) -> int | None:
@@ -50,6 +64,7 @@ class MultiConnector(KVConnector):
 
     def on_allocated(self, request: Request, block_ids: tuple[list[int], ...], num_external_tokens: int) -> None:
         child = self._chosen.pop(request.request_id)
+        self._loading[request.request_id] = (child, num_external_tokens)
         self.children[child].on_allocated(request, block_ids, num_external_tokens)
 
     def request_blocks_saved(self, block_ids: list[int], block_hashes: list[bytes], group: int = 0) -> None:
@@ -88,10 +103,22 @@ class MultiConnector(KVConnector):
         # Only one child loads any given request, so waiting on each in turn is bounded.
         for child in self.children:
             out = child.get_finished(wait=wait and not merged.finished_loads)
-            merged.finished_loads.update(out.finished_loads)
+            for rid, result in out.finished_loads.items():
+                merged.finished_loads[rid] = self._credited(rid, result)
             for rid in out.finished_saves:
                 self._release(rid, child, merged)
         return merged
+
+    def _credited(self, rid: str, result: LoadResult) -> LoadResult:
+        """The result, with its tokens credited to the child that loaded them if it named none."""
+        child, tokens = self._loading.pop(rid, (None, 0))
+        if child is None or result.sources or result.num_blocks_ok == 0:
+            return result
+        if result.num_blocks_ok < result.num_blocks:  # only a dense model uses a partial load
+            tokens = result.num_blocks_ok * self.context.block_size if self.context.dense else 0
+        if tokens:
+            result.sources = {self.names[child]: tokens}
+        return result
 
     def _release(self, rid: str, child: KVConnector, merged: ConnectorOutput) -> None:
         holders = self._holding.get(rid)

@@ -193,7 +193,7 @@ class TieredConnector(KVConnector):
         self._remote.new_step()
         return meta
 
-    def on_request_finished(self, request: Request, block_ids: list[int]) -> bool:
+    def on_request_finished(self, request: Request, block_ids: tuple[list[int], ...]) -> bool:
         self._remote.forget(request.request_id)  # e.g. aborted while its lookup was due
         self._recent.pop(request.request_id, None)
         return False
@@ -265,6 +265,11 @@ class TieredConnector(KVConnector):
 
     def flush(self, timeout: float | None = None) -> bool:
         return self.hierarchy.flush(timeout)
+
+    def set_kv_event_bus(self, bus) -> None:
+        """Report what every tier stores and removes to `bus` (kvstore/events.py); the
+        engine calls this when its first KV-event consumer subscribes."""
+        self.hierarchy.set_event_bus(bus, self.context.block_size)
 
     def close(self) -> None:
         self._remote.close()

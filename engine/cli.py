@@ -1,11 +1,17 @@
-"""`kvtier` command line: generate, make-model, demo, serve."""
+"""`kvtier` command line: generate, make-model, demo, serve, kv-server, config show.
+
+Engine, server and kv-server options are not declared here: their flags are derived from the
+config tree (engine/config_sources.py, kvstore/service/server/config.py), which also reads
+KVTIER_* variables and a --config file (docs/configuration.md).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from kvtier.sizes import size_arg
+from kvtier.config_tree import LoggingConfig, add_key_flags, configure_logging, keys_from_dataclass, render_tree
 
 
 class _Parser(argparse.ArgumentParser):
@@ -15,83 +21,44 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--kv-cache-memory", type=size_arg, default=None, help="device KV pool size, e.g. 512MiB")
-    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    g.add_argument("--seed", type=int, default=0)
-    h = p.add_argument_group("hybrid models (sliding-window and SSM layers)")
-    h.add_argument("--kv-group-memory-fractions", type=_fractions, default=None, metavar="F,F,...",
-                   help="share of the KV memory per KV group (default: by need, see the README)")
-    h.add_argument("--ssm-checkpoint-interval", type=int, default=None, metavar="TOKENS",
-                   help="tokens between SSM state checkpoints, a multiple of --block-size")
-    h.add_argument("--ssm-checkpoint-policy", choices=["auto", "last-boundary"], default="auto")
-    k = p.add_argument_group("tool-call parking")
-    k.add_argument("--park-policy", choices=["keep", "offload", "discard", "auto"], default="auto",
-                   help="how parked requests keep their KV (default: auto, by expected cost)")
-    k.add_argument("--max-parked-fraction", type=float, default=0.5,
-                   help="most of the device KV memory parked requests may pin")
-    t = p.add_argument_group("KV tiers")
-    t.add_argument(
-        "--kv-tier",
-        action="append",
-        default=None,
-        metavar="SPEC",
-        help="KV tier below the device pool, fastest first (repeatable): cpu:4GiB, "
-        "lmdb:PATH?size=64GiB, redis://host:port/0?ttl=3600, grpc://host:port",
-    )
-    t.add_argument("--no-kv-tiers", action="store_true", help="no tiers at all (not even the defaults)")
-    t.add_argument("--kv-write-policy", choices=["write-through", "write-back"], default="write-through")
+def _add_engine_flags(p: argparse.ArgumentParser, server: bool = False) -> None:
+    """--config, the engine's (and with `server`, the server's) flags, --log-level and aliases."""
+    from kvtier.engine.config_sources import add_tree_flags
+
+    add_tree_flags(p, server)
 
 
-def _fractions(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+def resolve(args: argparse.Namespace, server: bool = False):
+    """The command's config tree (flags > KVTIER_* > --config file > defaults)."""
+    from kvtier.engine.config_sources import resolve_cli
 
-
-def default_kv_tiers() -> list[str]:
-    """Embedded default: a CPU tier and a persistent LMDB tier under the user's cache dir."""
-    from kvtier.engine.demo import cache_dir
-
-    return ["cpu:1GiB", f"lmdb:{cache_dir() / 'kv-lmdb'}?size=8GiB"]
-
-
-def kv_tiers(args: argparse.Namespace) -> list[str] | None:
-    if args.no_kv_tiers:
-        if args.kv_tier:
-            raise ValueError("--no-kv-tiers and --kv-tier contradict each other")
-        return None
-    return args.kv_tier or default_kv_tiers()
+    resolved = resolve_cli(args, os.environ, server)
+    configure_logging(resolved.get("logging.level", "warning"))
+    return resolved
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    tiers = kv_tiers(args)
-    return dict(
-        kv_tiers=tiers,
-        kv_connector_config={"write_policy": args.kv_write_policy} if tiers else None,
-        dtype=args.dtype,
-        device=args.device,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        kv_cache_memory_bytes=args.kv_cache_memory,
-        enable_prefix_caching=not args.no_prefix_caching,
-        seed=args.seed,
-        kv_group_memory_fractions=args.kv_group_memory_fractions,
-        ssm_checkpoint_interval=args.ssm_checkpoint_interval,
-        ssm_checkpoint_policy=args.ssm_checkpoint_policy,
-        park_policy=args.park_policy,
-        max_parked_fraction=args.max_parked_fraction,
-    )
+    """EngineConfig arguments (all but the model) from a command's flags, env and --config."""
+    from kvtier.engine.config_sources import engine_kwargs as kwargs_of
+
+    return kwargs_of(resolve(args))
+
+
+def _add_log_level(sub) -> None:
+    """--log-level on every subcommand, also those registered without the config tree."""
+    keys = keys_from_dataclass(LoggingConfig, lambda f: "logging")
+    for p in sub.choices.values():
+        add_key_flags(p, keys)  # skips parsers that have it already
+
+
+def _add_config_parser(sub) -> None:
+    c = sub.add_parser("config", help="inspect the resolved configuration")
+    csub = c.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    show = csub.add_parser("show", help="print the engine + server tree and where each value came from")
+    _add_engine_flags(show, server=True)
+    from kvtier.kvstore.service.server.main import add_kv_server_arguments
+
+    add_kv_server_arguments(csub.add_parser("show-kv-server", help="the same for `kvtier kv-server`"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="generate text for one or more prompts")
-    g.add_argument("--model", required=True, help="Hugging Face model directory")
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -130,17 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--turns", type=int, default=4)
     d.add_argument("--users", type=int, default=3, help="conversations interleaved turn by turn")
     d.add_argument("--max-tokens", type=int, default=32)
+    d.add_argument("--png", default=None, help="where to draw TTFT per turn (default: in the kvtier cache dir)")
     _add_engine_flags(d)
 
-    from kvtier.engine.serving.serve_cli import add_serve_flags
-
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    add_serve_flags(s)
-    _add_engine_flags(s)
+    _add_engine_flags(s, server=True)
+
+    from kvtier.engine.bench_cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+    _add_config_parser(sub)
+    _add_log_level(sub)
     return parser
 
 
 def _run_generate(args) -> int:
+    from kvtier.engine.config_sources import engine_config
+    from kvtier.engine.config_sources import engine_kwargs as kwargs_of
     from kvtier.engine.llm import LLM
     from kvtier.engine.sampling_params import SamplingParams
 
@@ -153,7 +125,9 @@ def _run_generate(args) -> int:
         max_tokens=args.max_tokens,
         stop=args.stop,
     )
-    with LLM(args.model, **engine_kwargs(args)) as llm:
+    resolved = resolve(args)
+    model = engine_config(resolved).model  # validates, naming each bad value's source
+    with LLM(model, **kwargs_of(resolved)) as llm:
         outputs = llm.generate(args.prompt, params, use_tqdm=False)
     for out in outputs:
         c = out.outputs[0]
@@ -168,10 +142,45 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _run_config(args) -> int:
+    if args.config_command == "show-kv-server":
+        from kvtier.kvstore.service.server.config import build_kv_server_config, resolve_kv_server
+
+        resolved = resolve_kv_server(args, os.environ)
+        build_kv_server_config(resolved)  # validation errors name the key and its source
+    else:
+        from kvtier.engine.config_sources import engine_config, serve_config
+
+        resolved = resolve(args, server=True)
+        serve_config(resolved)
+        if "engine.model" in resolved.values:
+            engine_config(resolved)
+    print(render_tree(resolved), end="")
+    return 0
+
+
+def _run_serve(args) -> int:
+    from kvtier.engine.config_sources import engine_config, serve_config
+    from kvtier.engine.serving.serve_cli import run_serve
+
+    resolved = resolve(args, server=True)
+    return run_serve(engine_config(resolved), serve_config(resolved), resolved.get("logging.level"))
+
+
+def _run_demo(args) -> int:
+    from kvtier.engine.config_sources import engine_kwargs as kwargs_of
+    from kvtier.engine.demo import run_demo
+
+    resolved = resolve(args)
+    args.model = resolved.get("engine.model")  # None: the demo's cached model
+    return run_demo(args, kwargs_of(resolved))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        configure_logging(getattr(args, "log_level", None) or "warning")  # the tree may refine it
         if args.command == "generate":
             return _run_generate(args)
         if args.command == "kv-server":
@@ -185,12 +194,14 @@ def main(argv: list[str] | None = None) -> int:
                              sliding_window=args.sliding_window))
             return 0
         if args.command == "serve":
-            from kvtier.engine.serving.serve_cli import run_serve
+            return _run_serve(args)
+        if args.command == "config":
+            return _run_config(args)
+        if args.command == "bench":
+            from kvtier.engine.bench_cli import run as run_bench
 
-            return run_serve(args, engine_kwargs(args))
-        from kvtier.engine.demo import run_demo
-
-        return run_demo(args, engine_kwargs(args))
+            return run_bench(args)
+        return _run_demo(args)
     except (ValueError, FileNotFoundError) as e:
         # Bad input (flags, config, model files): one line, exit 2, no traceback.
         print(f"kvtier {args.command}: error: {e}", file=sys.stderr)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,10 @@ class EngineConfig:
     # A connector by name ("tiered", "multi", an entry point, or "package.module:Class").
     kv_connector: str | None = None
     kv_connector_config: dict | None = None
+    # Seconds a connector has to report a load it started; past that the load counts as
+    # failed and the request recomputes (docs/connectors.md). Generous: the tiers' own
+    # socket timeouts (0.25-5 s) end a stuck read long before.
+    kv_load_timeout_s: float = 30.0
     # Hybrid models: share of the device KV budget per KV group (None: by need, see
     # engine/kv_cache/budget.py), and tokens between SSM state checkpoints (None: the
     # smallest block multiple whose attention KV weighs one checkpoint).
@@ -90,6 +95,21 @@ class EngineConfig:
     # or auto (by expected cost), and the most of the device KV memory parked requests may pin.
     park_policy: str = "auto"
     max_parked_fraction: float = 0.5
+    # KV events (docs/kv_events.md): a ZMQ PUB endpoint speaking vLLM's schema, e.g.
+    # "tcp://*:5557" (needs `pip install kvtier[events]`), its topic, a JSON-lines file, and
+    # how many events each consumer may have queued before new ones are dropped (counted).
+    kv_events_endpoint: str | None = None
+    kv_events_topic: str = ""
+    kv_events_file: str | None = None
+    kv_events_queue: int = 10_000
+    # vLLM's --gpu-memory-utilization: the share of the GPU's memory this engine may use
+    # (weights included); the device KV pool gets what is left of it. Ignored on the CPU.
+    gpu_memory_utilization: float | None = None
+    # How the tiered connector writes tiers below the first (None: its default, write-through).
+    kv_write_policy: str | None = None
+    # Serve this engine's Prometheus metrics over HTTP on this port (all interfaces; 0: any
+    # free port); None: no HTTP server, metrics only through LLM.metrics_text().
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -107,9 +127,14 @@ class EngineConfig:
             raise ValueError("enable_prefix_caching: must be True or False")
         if self.attention_backend not in ("auto", "reference", "sdpa"):
             raise ValueError(f"attention_backend: unknown {self.attention_backend!r}; use auto, sdpa or reference")
+        mp = self.metrics_port
+        if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or not 0 <= mp <= 65535):
+            raise ValueError(f"metrics_port: must be a port number in [0, 65535] or None, got {mp!r}")
         self._validate_groups()
         self._validate_parking()
         self._validate_connector()
+        self._validate_kv_events()
+        self._validate_aliases()
 
     def _validate_parking(self) -> None:
         from kvtier.engine.parking.policy import POLICIES
@@ -119,6 +144,16 @@ class EngineConfig:
         f = self.max_parked_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
             raise ValueError(f"max_parked_fraction: must be a number in [0, 1], got {f!r}")
+
+    def _validate_kv_events(self) -> None:
+        ep = self.kv_events_endpoint
+        if ep is not None and (not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://", "inproc://"))):
+            raise ValueError(f"kv_events_endpoint: expected a ZMQ address such as 'tcp://*:5557', got {ep!r}")
+        if not isinstance(self.kv_events_topic, str):
+            raise ValueError(f"kv_events_topic: must be a string, got {self.kv_events_topic!r}")
+        if self.kv_events_file is not None and (not isinstance(self.kv_events_file, str) or not self.kv_events_file):
+            raise ValueError(f"kv_events_file: must be a file path, got {self.kv_events_file!r}")
+        _positive_int("kv_events_queue", self.kv_events_queue)
 
     def _validate_groups(self) -> None:
         fractions = self.kv_group_memory_fractions
@@ -149,13 +184,24 @@ class EngineConfig:
                 raise ValueError("kv_tiers: only the 'tiered' connector takes tiers; put them in kv_connector_config")
         if self.kv_connector_config is not None and not isinstance(self.kv_connector_config, dict):
             raise ValueError("kv_connector_config: must be a dict")
+        t = self.kv_load_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise ValueError(f"kv_load_timeout_s: must be a positive number of seconds, got {t!r}")
         if (self.kv_tiers or self.kv_connector) and not self.enable_prefix_caching:
             raise ValueError("kv_connector: tiers key blocks by their prefix hash; keep enable_prefix_caching on")
+
+    def _validate_aliases(self) -> None:
+        u = self.gpu_memory_utilization
+        if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1):
+            raise ValueError(f"gpu_memory_utilization: must be a number in (0, 1], got {u!r}")
+        if self.kv_write_policy not in (None, "write-through", "write-back"):
+            raise ValueError(f"kv_write_policy: unknown {self.kv_write_policy!r}; use write-through or write-back")
 
     def connector_spec(self) -> tuple[str, dict] | None:
         """(name, config) of the connector to build, or None for no connector."""
         if self.kv_tiers:
-            return "tiered", {**(self.kv_connector_config or {}), "tiers": list(self.kv_tiers)}
+            policy = {"write_policy": self.kv_write_policy} if self.kv_write_policy else {}
+            return "tiered", {**(self.kv_connector_config or {}), **policy, "tiers": list(self.kv_tiers)}
         if self.kv_connector:
             return self.kv_connector, dict(self.kv_connector_config or {})
         return None
@@ -173,6 +219,17 @@ class EngineConfig:
         if self.kv_cache_memory_bytes is not None:
             return self.kv_cache_memory_bytes
         if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            return int(free * _CUDA_KV_FRACTION)
+            free, total = torch.cuda.mem_get_info(self.device)
+            if self.gpu_memory_utilization is None:
+                return int(free * _CUDA_KV_FRACTION)
+            # Called once the weights are loaded: what is in use already counts against the share.
+            budget = int(total * self.gpu_memory_utilization) - (total - free)
+            if budget <= 0:
+                raise ValueError(f"gpu_memory_utilization: {self.gpu_memory_utilization} of the GPU leaves no "
+                                 f"room for the KV cache ({(total - free) / 2**30:.1f} GiB already in use)")
+            return budget
+        if self.gpu_memory_utilization is not None:
+            logging.getLogger(__name__).warning(
+                "gpu_memory_utilization is ignored on the CPU; the device KV pool is %d MiB "
+                "(set kv_cache_memory_bytes to change it)", _DEFAULT_CPU_KV_BYTES >> 20)
         return _DEFAULT_CPU_KV_BYTES

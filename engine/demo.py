@@ -73,17 +73,34 @@ def run_demo(args, engine_kwargs: dict) -> int:
         print(f"model: {model}")
         print(f"device KV pool: {pool_bytes / 2**20:.1f} MiB; "
               f"tiers: {', '.join(kwargs.get('kv_tiers') or ['none'])}")
-        _converse(llm, args)
+        records = _converse(llm, args)
+    print(_write_plot(records, args))
     return 0
 
 
-def _converse(llm, args) -> None:
+def _write_plot(records, args) -> str:
+    """Draw the TTFT-per-turn PNG (default: in the kvtier cache dir); one line saying where."""
+    from kvtier.engine.demo_plot import plot_turns, pyplot
+
+    path = Path(getattr(args, "png", None) or cache_dir() / "demo" / "ttft-per-turn.png")
+    try:
+        pyplot()
+    except ImportError as e:
+        return f"plot: not drawn, {e}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_turns(records, str(path), f"kvtier demo: {args.users} users x {args.turns} turns")
+    return f"plot: TTFT per turn by KV source written to {path}"
+
+
+def _converse(llm, args) -> list:
+    from kvtier.engine.demo_plot import TurnRecord
     from kvtier.engine.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     system = llm.tokenizer.encode(_SYSTEM)
     histories = [list(system) for _ in range(args.users)]
     total_prompt = total_reused = 0
+    records = []
     for turn in range(args.turns):
         for user, history in enumerate(histories):
             # Conversations grow by token ids, so each prompt extends that user's last one exactly.
@@ -99,8 +116,10 @@ def _converse(llm, args) -> None:
             print(f"turn {turn + 1} user {user + 1}: prompt {n:5d} tokens, reused {100 * reused / n:5.1f}% "
                   f"({sources}) | TTFT {out.metrics.ttft * 1000:7.1f} ms")
             history += out.outputs[0].token_ids
+            records.append(TurnRecord(turn + 1, user + 1, out.metrics.ttft * 1000, dict(out.kv_sources)))
     print(f"total: {total_reused} of {total_prompt} prompt tokens reused ({100 * total_reused / total_prompt:.1f}%)")
     for tier, stats in llm.kv_stats().items():
-        if tier not in ("device", "connector", "parking"):
+        if tier != "device" and "hits" in stats:  # tiers only, not the connector or parking stats
             print(f"tier {tier}: {stats['hits']} block hits, {stats['puts']} blocks stored, "
                   f"{stats['used_bytes'] / 2**20:.1f} MiB used, {stats['errors']} errors")
+    return records

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import itertools
 import time
+import uuid
 
 import torch
 
 from kvtier.connectors.base import ConnectorContext, KVConnector
+from kvtier.connectors.guard import ConnectorGuard
 from kvtier.connectors.registry import build_connector
 from kvtier.engine.config import EngineConfig
 from kvtier.engine.kv_cache.block_hash import model_namespace, root_hash
 from kvtier.engine.kv_cache.setup import build_kv_cache
+from kvtier.engine.kv_events import KVEventHub
+from kvtier.engine.metrics import EngineMetrics
 from kvtier.engine.model_loader import load_model, weights_fingerprint
 from kvtier.engine.model_runner import ModelRunner
 from kvtier.engine.prefill_speed import PrefillSpeed
@@ -45,17 +49,36 @@ class Engine:
         self.runner = ModelRunner(self.model, config.block_size, config.device, config.seed, self.groups)
         self.prefill_speed = PrefillSpeed()
         self.connector = self._build_connector()
+        # Every engine call into the connector goes through the guard (connectors/guard.py).
+        self.connector_guard = None if self.connector is None else ConnectorGuard(
+            self.connector, self._connector_name(), config.kv_load_timeout_s)
         self.parking = ParkingLot(self.kv, config.park_policy, config.max_parked_fraction,
                                   self._tier_bandwidth, self.prefill_speed.tokens_per_s,
                                   prefetch=self._prefetch if self.connector is not None else None)
         self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.connector,
-            self.parking,
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
+            self.connector_guard, self.parking,
         )
         self.outputs = OutputBuilder(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._ended_outside_loop: list[Request] = []  # rejected or aborted, reported next step
         self._ids = itertools.count()
+        self.metrics = EngineMetrics(self)  # read at scrape time; see docs/metrics.md
+        if config.metrics_port is not None:
+            self.metrics.serve(config.metrics_port)
+        # Request ids are unique across engines, so a store two engines share never sees a clash.
+        self._id_prefix = uuid.uuid4().hex[:12]
+        # KV events (docs/kv_events.md): recorded only once a consumer exists.
+        self.kv_events = KVEventHub(self.kv, self.connector, config.device.type, config.block_size,
+                                    config.kv_events_queue)
+        try:
+            if config.kv_events_file is not None:
+                self.kv_events.add_file(config.kv_events_file)
+            if config.kv_events_endpoint is not None:
+                self.kv_events.add_zmq(config.kv_events_endpoint, config.kv_events_topic)
+        except BaseException:
+            self.close()  # a bad path, a busy port or a missing extra: stop the tier threads too
+            raise
 
     def _build_connector(self) -> KVConnector | None:
         spec = self.config.connector_spec()
@@ -70,6 +93,11 @@ class Engine:
                                                     self.kv.max_seq_tokens or self.max_model_len),
                                    [p.shape[0] for p in self.kv_pools])
         return connector
+
+    def _connector_name(self) -> str:
+        """What kv_sources calls loads that name no source: the connector's `name`, else the
+        name it was configured by (the class name for a `module:Class` path)."""
+        return getattr(self.connector, "name", None) or self.config.connector_spec()[0].rpartition(":")[2]
 
     def _prefetch(self, entry) -> None:
         """Queue a load-only request for an offloaded parked sequence: its KV comes back from
@@ -136,7 +164,7 @@ class Engine:
     def _new_request(self, token_ids, text, cache_salt, params, request_id) -> Request:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
-        rid = request_id if request_id is not None else str(next(self._ids))
+        rid = request_id if request_id is not None else f"{self._id_prefix}-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request_id: {rid!r} is already in flight")
         return Request(
@@ -173,7 +201,7 @@ class Engine:
         """Run one scheduler step; return outputs of requests that finished (incl. rejected ones)."""
         done, self._ended_outside_loop = self._ended_outside_loop, []
         self.parking.tick()
-        connector = self.connector
+        connector = self.connector_guard
         if connector is not None:
             self.scheduler.on_connector_output(connector.get_finished())
         if self.scheduler.has_unfinished():
@@ -196,20 +224,24 @@ class Engine:
                 # (briefly, the connector bounds it) instead of spinning.
                 self.scheduler.on_connector_output(connector.get_finished(wait=True))
         outputs = []
+        self.kv_events.end_step()  # the device pool's events of this step, as one batch
         for req in done:
             del self.requests[req.request_id]
             outputs.append(self.outputs.build(req))
+        if outputs:
+            self.metrics.observe_finished(outputs)
         return outputs
 
     def _join_fast_loads(self, sched_out) -> list:
         """Loads that land within JOIN_WAIT_S (host memory, a local disk) run in this step
         instead of the next, so a request served from a fast tier keeps pace with the
         requests admitted beside it. Returns the extra connector metadata it needed."""
-        self.scheduler.on_connector_output(self.connector.get_finished(wait=JOIN_WAIT_S))
+        guard = self.connector_guard
+        self.scheduler.on_connector_output(guard.get_finished(wait=JOIN_WAIT_S))
         if not self.scheduler.join_running(sched_out):
             return []
-        meta = self.connector.build_metadata()  # blocks the joined requests evict or fill
-        self.connector.start_load(meta)
+        meta = guard.build_metadata()  # blocks the joined requests evict or fill
+        guard.start_load(meta)
         return [meta]
 
     def _apply(self, sched_out, result) -> list[Request]:
@@ -228,16 +260,28 @@ class Engine:
         device = {
             **self.kv.stats(),
             "preemptions": self.scheduler.num_preemptions,
+            "preempted_tokens": self.scheduler.num_preempted_tokens,
             "load_failures": self.scheduler.num_load_failures,
         }
         out = {"device": device, **(self.connector.stats() if self.connector is not None else {})}
+        if self.connector_guard is not None:  # faults the engine caught in connector calls
+            out["connector_calls"] = self.connector_guard.stats()
         out["parking"] = self.parking.stats()
         return out
 
     def close(self) -> None:
+        self.metrics.close()
         if self.connector is not None:
-            self.connector.close()
-            self.connector = None
+            self.connector_guard.close()
+            self.connector = self.connector_guard = None
+        self.kv_events.close()  # after the tiers: their last events are queued by then
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached device block (an AllBlocksCleared event); False while any
+        block is in use."""
+        done = self.kv.reset_prefix_cache()
+        self.kv_events.end_step()
+        return done
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)

@@ -1,11 +1,14 @@
 """`LLM`: the offline batch API, shaped like vLLM's."""
 from __future__ import annotations
 
-import sys
+import os
 import weakref
 from collections.abc import Sequence
 
+from tqdm import tqdm
+
 from kvtier.engine.config import EngineConfig
+from kvtier.engine.config_sources import llm_engine_config
 from kvtier.engine.engine_core import Engine
 from kvtier.engine.outputs import RequestOutput
 from kvtier.engine.sampling_params import SamplingParams
@@ -15,7 +18,8 @@ class LLM:
     """`LLM(model=PATH, **engine_args)`; see EngineConfig for the arguments."""
 
     def __init__(self, model: str, **engine_args):
-        self.engine = Engine(EngineConfig.from_kwargs(model, **engine_args))
+        # Through the config tree: keyword arguments > KVTIER_* variables > defaults.
+        self.engine = Engine(llm_engine_config(model, engine_args, os.environ))
         # Drain tier writers and close stores when the LLM is collected or the interpreter
         # exits without close(): queued writes to disk or Redis are not silently dropped.
         self._finalizer = weakref.finalize(self, self.engine.close)
@@ -27,6 +31,23 @@ class LLM:
     def kv_stats(self) -> dict[str, dict]:
         """Per-tier stats: hits, misses, bytes read/written, used bytes, evictions, errors, seconds."""
         return self.engine.kv_stats()
+
+    def metrics_text(self) -> str:
+        """This engine's Prometheus metrics as text (docs/metrics.md); EngineConfig.metrics_port
+        also serves them over HTTP."""
+        return self.engine.metrics.text()
+
+    def kv_events(self, max_events: int | None = None):
+        """Subscribe to KV events (docs/kv_events.md): blocks stored, removed, promoted or
+        demoted on the device and in every tier, from now on. Iterating the returned
+        subscription yields the events queued so far without waiting; `get(timeout)` waits
+        for the next batch; `dropped` counts events lost because the queue (`max_events`,
+        default kv_events_queue) was full; `close()` unsubscribes."""
+        return self.engine.kv_events.subscribe(max_events)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached device block; False (nothing done) while requests run."""
+        return self.engine.reset_prefix_cache()
 
     def close(self) -> None:
         """Flush and stop tier threads, close stores (also done at exit / collection)."""
@@ -81,7 +102,7 @@ class LLM:
     def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
         """Step the engine until every request in `order` (id -> result index) has finished."""
         results: list[RequestOutput | None] = [None] * len(order)
-        progress = _Progress(len(order)) if use_tqdm else None
+        progress = _progress(len(order), use_tqdm)
         while order:
             finished = self.engine.step()
             if not finished and not self.engine.has_unfinished():
@@ -89,34 +110,11 @@ class LLM:
             for out in finished:
                 if out.request_id in order:
                     results[order.pop(out.request_id)] = out
-                    if progress:
-                        progress.update()
-        if progress:
-            progress.close()
+                    progress.update(1)
+        progress.close()
         return results
 
 
-class _Progress:
-    """tqdm when it is installed, else a plain counter on stderr."""
-
-    def __init__(self, total: int):
-        try:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc="generate", dynamic_ncols=True)
-        except ImportError:
-            self._bar = None
-        self.total, self.done = total, 0
-
-    def update(self) -> None:
-        self.done += 1
-        if self._bar is not None:
-            self._bar.update(1)
-        elif self.done == self.total or self.done % 16 == 0:
-            print(f"\rgenerate: {self.done}/{self.total}", end="", file=sys.stderr)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        else:
-            print(file=sys.stderr)
+def _progress(total: int, use_tqdm: bool) -> tqdm:
+    """A requests-done bar on stderr; silent when asked or when stderr is not a terminal."""
+    return tqdm(total=total, desc="generate", unit="req", dynamic_ncols=True, disable=None if use_tqdm else True)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from kvtier.engine.model_config import ModelArchConfig, load_model_config
 from kvtier.engine.models import get_model_class
@@ -62,8 +63,11 @@ def _default_dtype_and_device(dtype: torch.dtype, device: torch.device):
         torch.set_default_dtype(old)
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> tuple[torch.nn.Module, ModelArchConfig]:
-    """Parse the config, build the model in `dtype` on `device`, load every weight tensor."""
+def load_model(path: str, dtype: torch.dtype, device: torch.device | str,
+               progress: bool = True) -> tuple[torch.nn.Module, ModelArchConfig]:
+    """Parse the config, build the model in `dtype` on `device`, load every weight tensor.
+    `progress`: a bytes-loaded bar on stderr, only on a terminal and only for loads that take
+    over half a second (tiny test models print nothing)."""
     cfg = load_model_config(path)
     files = safetensors_files(path)
     device = torch.device(device)
@@ -73,8 +77,11 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> tup
         model = get_model_class(cfg.architecture)(cfg)
 
     state = {"file": None, "done": False}
+    bar = tqdm(total=sum(os.path.getsize(f) for f in files), desc="loading weights", unit="B", unit_scale=True,
+               leave=False, delay=0.5, disable=None if progress else True)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        loaded = 0
         for f in files:
             state["file"] = f
             try:
@@ -83,7 +90,11 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> tup
                 raise ValueError(f"cannot read weights ({e})") from None
             with handle:
                 for name in handle.keys():
-                    yield name, handle.get_tensor(name)
+                    tensor = handle.get_tensor(name)
+                    bar.update(tensor.numel() * tensor.element_size())
+                    yield name, tensor
+            loaded += os.path.getsize(f)
+            bar.update(loaded - bar.n)  # count the file's header too, so the bar ends at 100%
         state["done"] = True
 
     try:
@@ -92,6 +103,8 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device | str) -> tup
         # Per-tensor errors name the file being read; missing tensors name the directory.
         where = path if state["done"] else state["file"]
         raise ValueError(f"{where}: {e}") from None
+    finally:
+        bar.close()
     model.eval().requires_grad_(False)
     return model, cfg
 

@@ -11,7 +11,8 @@ With a connector, a waiting request whose prefix continues in a tier beyond the 
 gets blocks for it and parks in WAITING_FOR_KV while the worker side loads them; it runs
 from the first block that did not load intact (a hybrid model: from its device resume
 point unless the whole load succeeded). A request whose tier lookup is still in
-flight (a remote store) is passed over until the connector answers; the rest go on.
+flight (a remote store), or whose next block another request is loading (engine/kv_loads.py:
+loaded once, then shared), is passed over until that resolves; the rest go on.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from collections import deque
 
 from kvtier.connectors.base import ConnectorOutput, KVConnector
 from kvtier.engine.kv_cache.coordinator import KVCacheCoordinator
+from kvtier.engine.kv_loads import KVLoads
 from kvtier.engine.request import Request, RequestStatus
 from kvtier.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from kvtier.engine.stop_checks import stop_status
@@ -37,7 +39,8 @@ class Scheduler:
         connector: KVConnector | None = None,
         parking=None,
     ):
-        """parking: the ParkingLot for requests that park at a tool call (engine/parking/)."""
+        """connector: its scheduler half (the engine passes a ConnectorGuard); parking: the
+        ParkingLot for requests that park at a tool call (engine/parking/)."""
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -46,10 +49,10 @@ class Scheduler:
         self.parking = parking
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        # WAITING_FOR_KV: request id -> (request, device resume point, resume point once loaded)
-        self.loading: dict[str, tuple[Request, int, int]] = {}
+        self.loads = KVLoads(kv, connector)  # WAITING_FOR_KV requests
         self.held: dict[str, Request] = {}  # finished, blocks kept until the connector saved them
         self.num_preemptions = 0
+        self.num_preempted_tokens = 0  # computed tokens thrown away by preemption
         self.num_load_failures = 0  # blocks that failed to load and were recomputed
 
     def add(self, request: Request) -> str | None:
@@ -96,6 +99,10 @@ class Scheduler:
         """Memory is short: demote a parked request before anyone is preempted or refused."""
         return self.parking is not None and self.parking.demote_one()
 
+    @property
+    def loading(self) -> dict[str, tuple[Request, int, int]]:
+        return self.loads.loading
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.loading)
 
@@ -121,7 +128,7 @@ class Scheduler:
             i += 1
         if not out.preempted:
             self._admit_waiting(out, budget)
-        self._notify_connector()
+        self.loads.notify_connector()
         return out
 
     def _schedule(self, req: Request, num_new: int, out: SchedulerOutput) -> None:
@@ -134,7 +141,6 @@ class Scheduler:
         self._schedule(req, num_new, out)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-
         # FCFS: stop at the first waiting request that does not fit; never admit in a step that preempted.
         # One exception: a request whose tier lookup is still due (lookup -> None) keeps its
         # place but is passed over this step, so a slow store holds up only that request;
@@ -157,6 +163,9 @@ class Scheduler:
                 continue
             hit = self.kv.get_computed_blocks(req)
             num_hit_tokens = hit.num_tokens
+            if self.loads and self.loads.waits_for_shared(req, num_hit_tokens):
+                skipped += 1  # its next block is being loaded for another request: wait for it
+                continue
             num_external = self.connector.lookup(req, num_hit_tokens) if self.connector else 0
             if num_external is None:
                 skipped += 1
@@ -170,7 +179,7 @@ class Scheduler:
                         continue
                     break
                 del self.waiting[skipped]
-                self._start_loading(req, num_hit_tokens, num_external)
+                self.loads.start(req, num_hit_tokens, num_external)
                 continue
             num_new = min(req.num_tokens - num_hit_tokens, budget)
             if not self.kv.allocate_slots(req, num_new, hit):
@@ -201,7 +210,7 @@ class Scheduler:
             budget -= num_new
             joined = True
         if joined:
-            self._notify_connector()
+            self.loads.notify_connector()
         return joined
 
     def _num_active(self) -> int:
@@ -220,39 +229,15 @@ class Scheduler:
             whole = num_cached >= req.resumed_tokens - self.kv.block_size
             self.parking.record_resume("tier" if sources else "device" if whole else "recomputed")
 
-    def _start_loading(self, req: Request, num_hit_tokens: int, num_external: int) -> None:
-        req.num_computed_tokens = num_hit_tokens
-        req.status = RequestStatus.WAITING_FOR_KV
-        self.loading[req.request_id] = (req, num_hit_tokens, num_hit_tokens + num_external)
-        block_ids = self.kv.load_block_ids(req, num_hit_tokens, num_hit_tokens + num_external)
-        self.connector.on_allocated(req, block_ids, num_external)
-
-    def _notify_connector(self) -> None:
-        """Hand the connector this step's newly computed and about-to-be-overwritten blocks
-        (recorded only when a connector exists: the coordinator's track_transfers)."""
-        if self.connector is None:
-            return
-        for group, block_ids, hashes in self.kv.take_evicted():
-            self.connector.blocks_evicted(block_ids, hashes, group)
-        for group, block_ids, hashes in self.kv.take_newly_full():
-            self.connector.request_blocks_saved(block_ids, hashes, group)
-
     def on_connector_output(self, output: ConnectorOutput) -> None:
         """Loads that ended: run each request from its first block that did not load intact."""
         for rid, result in output.finished_loads.items():
-            entry = self.loading.pop(rid, None)
-            if entry is None:
+            landed = self.loads.land(rid, result)
+            if landed is None:
                 continue
-            req, device_tokens, resume_tokens = entry
-            if req.is_finished or req.prefetch_only:  # aborted while loading, or only a prefetch
-                if req.prefetch_only:
-                    self.kv.publish_loaded(req, self.kv.loaded_tokens(device_tokens, resume_tokens, result))
-                self.kv.free(req)
-                continue
+            req = landed.request
             self.num_load_failures += result.num_blocks - result.num_blocks_ok
-            req.num_computed_tokens = self.kv.loaded_tokens(device_tokens, resume_tokens, result)
-            self.kv.publish_loaded(req, req.num_computed_tokens)
-            self._record_admission(req, req.num_computed_tokens, result.sources)
+            self._record_admission(req, req.num_computed_tokens, self.loads.sources(landed))
             req.status = RequestStatus.RUNNING
             self.running.append(req)
         for rid in output.finished_saves:
@@ -263,6 +248,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
+        self.num_preempted_tokens += req.num_computed_tokens
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1

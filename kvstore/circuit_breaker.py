@@ -87,3 +87,17 @@ class CircuitBreaker:
         self._probe_in_flight = False
         self._failures = 0
         self.times_opened += 1
+
+
+def breaker_states(owner) -> dict[str, str]:
+    """State of each circuit breaker an object (a tier) guards its calls with, by target,
+    for stats and metrics. An owner with several targets (one breaker per server) reports
+    them through a `breaker_states()` method; one with a single breaker exposes it as its
+    public `breaker` attribute (target: the owner's name). Empty when it has none."""
+    report = getattr(owner, "breaker_states", None)
+    if callable(report):
+        return dict(report())
+    breaker = getattr(owner, "breaker", None)
+    if isinstance(breaker, CircuitBreaker):
+        return {getattr(owner, "name", "breaker"): breaker.state}
+    return {}

@@ -16,16 +16,23 @@ synchronously, so there is no second queue behind this one.
 No tier fault ever raises out of here: each is counted in that tier's stats and logged, the
 first of each kind at once and then rate-limited (kvstore/faults.py); `fault_counts()` and
 `stats()[name].faults` show the counts by kind.
+
+KV events (docs/kv_events.md): `set_event_bus` gives each tier a sink under its name here;
+tiers report what they store and evict, and every write says why (saved, promoted,
+demoted), carried with the write through the writer queues.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Sequence
 
 import torch
 
+from kvtier.kvstore.circuit_breaker import breaker_states
+from kvtier.kvstore.events import TierEventSink
 from kvtier.kvstore.faults import FaultLog
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.stats import StatsRecorder, TierStats
@@ -36,7 +43,8 @@ log = logging.getLogger(__name__)
 
 WRITE_POLICIES = ("write-through", "write-back")
 
-_Item = tuple[list[BlockKey], list[torch.Tensor]]  # what a writer queues: keys and private copies
+# what a writer queues: keys, private copies, and why (a KV event cause, kvstore/events.py)
+_Item = tuple[list[BlockKey], list[torch.Tensor], str]
 
 
 def _nbytes(block: torch.Tensor) -> int:
@@ -101,10 +109,17 @@ class TierHierarchy:
             limits = dataclasses.replace(limits, queue_bytes=tier.write_queue_bytes)
 
         def apply(items: list[_Item]) -> None:
-            tier.put([k for ks, _ in items for k in ks], [b for _, bs in items for b in bs])
+            sink = tier._events
+            if sink is None or not sink.active:
+                tier.put([k for ks, _, _ in items for k in ks], [b for _, bs, _ in items for b in bs])
+                return
+            for cause, run in itertools.groupby(items, key=lambda item: item[2]):  # one put per cause
+                run = list(run)
+                with sink.cause(cause):
+                    tier.put([k for ks, _, _ in run for k in ks], [b for _, bs, _ in run for b in bs])
 
         def failed(items: list[_Item], error: BaseException) -> None:
-            self._fault(t, "put", error, skipped_writes=sum(len(ks) for ks, _ in items))
+            self._fault(t, "put", error, skipped_writes=sum(len(ks) for ks, *_ in items))
 
         return BackgroundWriter(apply, failed, limits, name=f"kvtier-writer-{self.names[t]}")
 
@@ -168,10 +183,12 @@ class TierHierarchy:
         if not keys:
             return
         targets = range(len(self.tiers)) if self.write_policy == "write-through" else [0]
+        # write-back stores what the device evicts: a move down, not a copy
+        cause = "saved" if self.write_policy == "write-through" else "demoted"
         for t in targets:
             if self._writers[t] is None:
-                self._put_inline(t, keys, blocks)
-        self._enqueue_copies([t for t in targets if self._writers[t] is not None], keys, blocks)
+                self._put_inline(t, keys, blocks, cause)
+        self._enqueue_copies([t for t in targets if self._writers[t] is not None], keys, blocks, cause)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued write is done (top down, since write-back spills flow
@@ -204,9 +221,19 @@ class TierHierarchy:
             faults = dict(s.faults)
             for kind, n in self._faults[i].counts().items():
                 faults[kind] = faults.get(kind, 0) + n
-            out[name] = dataclasses.replace(s, errors=s.errors + own.errors, faults=faults,
-                                            skipped_writes=s.skipped_writes + own.skipped_writes)
+            writer = self._writers[i]
+            out[name] = dataclasses.replace(
+                s, errors=s.errors + own.errors, faults=faults, skipped_writes=s.skipped_writes + own.skipped_writes,
+                capacity_bytes=tier.capacity_bytes, write_queue_drops=own.write_queue_drops,
+                write_queue_bytes=writer.queued_bytes() if writer is not None else 0,
+                breakers=breaker_states(tier))
         return out
+
+    def set_event_bus(self, bus, block_size: int) -> None:
+        """Report every tier's stores and removals to `bus` (a kvstore.events.KVEventBus),
+        each tier under its name here as the medium; None stops."""
+        for name, tier in zip(self.names, self.tiers):
+            tier.set_event_sink(None if bus is None else TierEventSink(bus, name, block_size))
 
     def fault_counts(self) -> dict[str, dict[str, int]]:
         """Caught faults by tier and kind ("lmdb.put: MapFullError" -> count)."""
@@ -222,7 +249,8 @@ class TierHierarchy:
                 continue
             dropped = w.close(max(0.0, deadline - time.monotonic()))
             if dropped:
-                self._extra[i].add(skipped_writes=sum(len(ks) for ks, _ in dropped))
+                n = sum(len(ks) for ks, *_ in dropped)
+                self._extra[i].add(skipped_writes=n, write_queue_drops=n)
         for i, tier in enumerate(self.tiers):
             try:
                 if tier.supports_evict_hook:
@@ -247,21 +275,27 @@ class TierHierarchy:
         last = max(source) if self.write_policy == "write-through" else 1
         for t in range(last):
             idx = [i for i in up if source[i] > t]
-            self._write(t, [keys[i] for i in idx], [into[i] for i in idx])
+            self._write(t, [keys[i] for i in idx], [into[i] for i in idx], "promoted")
 
-    def _write(self, t: int, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor]) -> None:
+    def _write(self, t: int, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor], cause: str) -> None:
         if self._writers[t] is None:
-            self._put_inline(t, keys, blocks)
+            self._put_inline(t, keys, blocks, cause)
         else:
-            self._enqueue_copies([t], keys, blocks)
+            self._enqueue_copies([t], keys, blocks, cause)
 
-    def _put_inline(self, t: int, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor]) -> None:
+    def _put_inline(self, t: int, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor], cause: str) -> None:
+        sink = self.tiers[t]._events
         try:
-            self.tiers[t].put(keys, blocks)
+            if sink is None:
+                self.tiers[t].put(keys, blocks)
+            else:
+                with sink.cause(cause):
+                    self.tiers[t].put(keys, blocks)
         except Exception as e:
             self._fault(t, "put", e, skipped_writes=len(keys))
 
-    def _enqueue_copies(self, tiers: Sequence[int], keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor]) -> None:
+    def _enqueue_copies(self, tiers: Sequence[int], keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor],
+                        cause: str) -> None:
         """Hand private copies to the writers of `tiers`, copying only what some queue has
         room for (under back-pressure the engine should not copy blocks that will be dropped)."""
         if not tiers or not keys:
@@ -270,13 +304,14 @@ class TierHierarchy:
         fits = [_fitting(self._writers[t], sizes) for t in tiers]
         copies = _cpu_copies(blocks[: max(fits)])
         for t, n in zip(tiers, fits):
-            self._submit(t, list(keys[:n]), copies[:n], sizes[:n])
+            self._submit(t, list(keys[:n]), copies[:n], sizes[:n], cause)
             if n < len(keys):
-                self._extra[t].add(skipped_writes=len(keys) - n)
+                self._extra[t].add(skipped_writes=len(keys) - n, write_queue_drops=len(keys) - n)
 
-    def _submit(self, t: int, keys: list[BlockKey], copies: list[torch.Tensor], sizes: Sequence[int]) -> None:
-        if keys and not self._writers[t].submit((keys, copies), sum(sizes)):
-            self._extra[t].add(skipped_writes=len(keys))  # filled up (or closed) meanwhile
+    def _submit(self, t: int, keys: list[BlockKey], copies: list[torch.Tensor], sizes: Sequence[int],
+                cause: str) -> None:
+        if keys and not self._writers[t].submit((keys, copies, cause), sum(sizes)):
+            self._extra[t].add(skipped_writes=len(keys), write_queue_drops=len(keys))  # filled up (or closed) meanwhile
 
     def _spill_to(self, t: int):
         """Evict hook for write-back: blocks leaving tier t-1 go to tier t (they are
@@ -284,13 +319,13 @@ class TierHierarchy:
 
         def spill(keys: list[BlockKey], blocks: list[torch.Tensor]) -> None:
             if self._writers[t] is None:
-                self._put_inline(t, keys, blocks)
+                self._put_inline(t, keys, blocks, "demoted")
                 return
             sizes = [_nbytes(b) for b in blocks]
             n = _fitting(self._writers[t], sizes)
-            self._submit(t, keys[:n], blocks[:n], sizes[:n])
+            self._submit(t, keys[:n], blocks[:n], sizes[:n], "demoted")
             if n < len(keys):
-                self._extra[t].add(skipped_writes=len(keys) - n)
+                self._extra[t].add(skipped_writes=len(keys) - n, write_queue_drops=len(keys) - n)
 
         return spill
 

@@ -73,6 +73,7 @@ def test_preempted_requests_come_back_from_the_cpu_tier(model):
         outs = llm.generate(_prompts(prompts), params, use_tqdm=False)
         stats = llm.kv_stats()
     assert stats["device"]["preemptions"] > 0
+    assert stats["device"]["preempted_tokens"] >= stats["device"]["preemptions"]  # each threw work away
     assert stats["cpu"]["hits"] > 0, "preempted requests must come back from the CPU tier"
     _assert_same_as_reference(dict(model, reference=reference), outs)
 

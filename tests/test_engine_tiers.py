@@ -122,7 +122,7 @@ def test_redis_killed_mid_run_then_restarted(model, redis_server):
         outs = []
         while engine.has_unfinished():
             outs += engine.step()
-        by_id = sorted(outs, key=lambda o: int(o.request_id))
+        by_id = sorted(outs, key=lambda o: int(o.request_id.rpartition("-")[2]))  # ids: <engine>-<n>
         assert [o.outputs[0].token_ids for o in by_id] == model["reference"]
         assert llm.kv_stats()["redis"]["errors"] > 0
         redis_server.start()

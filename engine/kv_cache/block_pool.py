@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+# KV event records a pool keeps while events are on (engine/kv_cache/coordinator.py turns
+# them into kvstore.events objects once per step): [STORED, hash, token_ids, cause, parent],
+# (REMOVED, hash), (CLEARED,). Stored records are lists: the coordinator fills in the parent
+# hash and the cause, which only it knows.
+STORED, REMOVED, CLEARED = 0, 1, 2
+
 
 class KVBlock:
     __slots__ = ("block_id", "ref_cnt", "block_hash", "token_ids", "prev", "next")
@@ -83,6 +89,8 @@ class BlockPool:
         # recorded for a consumer that drains it every step (else it would grow forever).
         self.record_evictions = record_evictions
         self.evicted: list[tuple[int, bytes]] = []
+        # KV event records since the last take (None: events off, the hot path's only cost)
+        self.events: list | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -136,6 +144,8 @@ class BlockPool:
         block.block_hash = block_hash
         block.token_ids = tuple(token_ids)
         self.cached[block_hash] = block
+        if self.events is not None:
+            self.events.append([STORED, block_hash, block.token_ids, "computed", None])
         return True
 
     def take_evicted(self) -> list[tuple[int, bytes]]:
@@ -147,6 +157,8 @@ class BlockPool:
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
                 self.num_evictions += 1
+                if self.events is not None:
+                    self.events.append((REMOVED, block.block_hash))
             block.block_hash = None
             block.token_ids = None
 
@@ -154,6 +166,10 @@ class BlockPool:
         """Forget every idle cached block; refused while any block is in use."""
         if self.free_queue.size != self.num_blocks:
             return False
+        events, self.events = self.events, None  # one "all cleared", not a removal per block
         for b in self.blocks:
             self._evict(b)
+        if events is not None:
+            events.append((CLEARED,))
+            self.events = events
         return True

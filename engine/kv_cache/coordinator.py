@@ -15,11 +15,12 @@ from kvtier.connectors.base import LoadResult
 from kvtier.connectors.groups import GroupInfo
 from kvtier.engine.kv_cache.attention_manager import FullAttentionManager, SlidingWindowManager
 from kvtier.engine.kv_cache.block_hash import extend_block_hashes
-from kvtier.engine.kv_cache.block_pool import KVBlock
+from kvtier.engine.kv_cache.block_pool import STORED, REMOVED, KVBlock
 from kvtier.engine.kv_cache.group_manager import StepPlan
 from kvtier.engine.kv_cache.ssm_manager import SsmStateManager
 from kvtier.engine.kv_cache.specs import KVGroup
 from kvtier.engine.request import Request
+from kvtier.kvstore.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 
 @dataclass
@@ -54,6 +55,7 @@ class KVCacheCoordinator:
         self.partial_loads = all(g.kind == "full" for g in groups) and len(groups) == 1
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found on the device
+        self.event_medium: str | None = None  # KV events on (enable_events) under this medium name
 
     # ---- admission ------------------------------------------------------------------
     def admission_error(self, num_tokens: int) -> str | None:
@@ -120,8 +122,11 @@ class KVCacheCoordinator:
             if new + headroom > m.pool.num_free_blocks - idle:
                 return False
             new_blocks.append(new)
+        marks = self._event_marks()
         for m, h, new in zip(self.managers, hits, new_blocks):
             m.apply(request, h, plan, new)
+        if marks is not None:
+            self._annotate_events(request, marks, None)
         return True
 
     def step_view(self, request: Request, num_computed: int) -> tuple:
@@ -148,8 +153,11 @@ class KVCacheCoordinator:
 
     def publish_loaded(self, request: Request, num_tokens: int) -> None:
         """A connector filled the request's blocks up to num_tokens: make them shareable."""
+        marks = self._event_marks()
         for m in self.managers:
             m.publish_loaded(request, num_tokens)
+        if marks is not None:
+            self._annotate_events(request, marks, "loaded")
 
     def end_step(self) -> None:
         for m in self.managers:
@@ -206,6 +214,55 @@ class KVCacheCoordinator:
         if any(m.pool.num_free_blocks != m.pool.num_blocks for m in self.managers):
             return False
         return all(m.pool.reset_prefix_cache() for m in self.managers)
+
+    # ---- KV events (kvstore/events.py) ------------------------------------------------
+    def enable_events(self, medium: str) -> None:
+        """Record blocks published and evicted in every pool, from now on, as events on
+        `medium`; take_events() must then be called every step (it drains them)."""
+        for m in self.managers:  # pools first: a step on another thread may check event_medium
+            if m.pool.events is None:
+                m.pool.events = []
+        self.event_medium = medium
+
+    def _event_marks(self) -> list[int] | None:
+        if self.event_medium is None:
+            return None
+        return [len(m.pool.events) for m in self.managers]
+
+    def _annotate_events(self, request: Request, marks: list[int], cause: str | None) -> None:
+        """Fill in what a pool cannot know of the blocks `request` just published: the
+        parent hash (the request's previous block) and, for loaded blocks, the cause."""
+        position = None
+        for m, mark in zip(self.managers, marks):
+            for rec in m.pool.events[mark:]:
+                if rec[0] != STORED:
+                    continue
+                if position is None:
+                    position = {h: i for i, h in enumerate(request.block_hashes)}
+                i = position.get(rec[1])
+                if i:
+                    rec[4] = request.block_hashes[i - 1]
+                if cause is not None:
+                    rec[3] = cause
+
+    def take_events(self) -> list[KVEvent]:
+        """The events recorded since the last call, pool by pool, each in order."""
+        out: list[KVEvent] = []
+        medium = self.event_medium
+        for m in self.managers:
+            records = m.pool.events
+            if not records:
+                continue
+            m.pool.events = []
+            size, group = m.info.layout.nbytes, m.index
+            for rec in records:
+                if rec[0] == STORED:
+                    out.append(BlockStored(rec[1], rec[4], rec[2], len(rec[2]), group, medium, size, rec[3]))
+                elif rec[0] == REMOVED:
+                    out.append(BlockRemoved(rec[1], group, medium, size))
+                else:
+                    out.append(AllBlocksCleared(medium))
+        return out
 
     # ---- introspection --------------------------------------------------------------
     @property

@@ -169,10 +169,13 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(_settle, fut, result, error)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
+        # One hand-over to the event loop per step, not one per request: each
+        # call_soon_threadsafe wakes the loop through its self-pipe.
+        batch = []
         for rid, tracked in self._tracked.items():
             req = self.engine.requests.get(rid)
             if req is not None and len(req.output_token_ids) > tracked.sent_tokens:
-                self._send(tracked, self._delta(tracked, req.output_token_ids, req.logprobs))
+                batch.append((tracked.stream, self._delta(tracked, req.output_token_ids, req.logprobs)))
         for out in outputs:
             tracked = self._tracked.pop(out.request_id, None)
             if tracked is None:
@@ -181,7 +184,9 @@ class AsyncEngine:
             self.num_aborted += completion.finish_reason == "abort"
             chunk = self._delta(tracked, completion.token_ids, completion.logprobs, final_text=completion.text)
             chunk.output = out
-            self._send(tracked, chunk)
+            batch.append((tracked.stream, chunk))
+        if batch:
+            self._loop.call_soon_threadsafe(_deliver, batch)
 
     def _delta(self, tracked: _Tracked, token_ids, logprobs, final_text: str | None = None) -> StreamChunk:
         new_ids = list(token_ids[tracked.sent_tokens:])
@@ -196,6 +201,11 @@ class AsyncEngine:
             text, tracked.pending_text = tracked.pending_text[:max(keep, 0)], tracked.pending_text[max(keep, 0):]
         tracked.sent_text += text
         return StreamChunk(text, new_ids, new_lp)
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, StreamChunk]]) -> None:
+    for stream, chunk in batch:
+        stream.put_nowait(chunk)
 
 
 def _settle(fut: asyncio.Future, result, error) -> None:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from kvtier.engine.serving import openai_protocol as proto
 from kvtier.engine.serving.async_engine import AsyncEngine
 from kvtier.engine.serving.chat_template import ChatTemplate
-from kvtier.engine.serving.metrics import render_metrics
+from kvtier.engine.serving.metrics import CONTENT_TYPE, ServerMetrics
 from kvtier.engine.serving.openai_protocol import ApiError
 from kvtier.engine.serving.responses import ResponseBuilder
 from kvtier.engine.serving.tool_calls import TOOL_CALL_END
@@ -32,6 +32,7 @@ def create_app(engine: AsyncEngine, model_name: str, template: ChatTemplate, api
     app = FastAPI(title="kvtier", lifespan=lifespan)
     turns = TurnTokens()
     created = int(time.time())
+    server_metrics = ServerMetrics(engine)
 
     if api_key:
         app.add_middleware(_BearerAuth, api_key=api_key)
@@ -50,9 +51,7 @@ def create_app(engine: AsyncEngine, model_name: str, template: ChatTemplate, api
 
     @app.get("/metrics")
     async def metrics():
-        stats = await engine.call(lambda eng: (eng.kv_stats(), len(eng.requests)))
-        return PlainTextResponse(render_metrics(*stats, engine.num_unfinished, engine.num_aborted),
-                                 media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await server_metrics.render(engine), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():

@@ -51,6 +51,8 @@ class Tier(abc.ABC):
     #: bound (bytes) for the queue a hierarchy's writer keeps for this tier, e.g. from the
     #: spec option `queue=`; None: the hierarchy's default
     write_queue_bytes: int | None = None
+    #: where put / eviction / delete report KV events (kvstore/events.py); None: nobody listens
+    _events = None
 
     def __init__(self, capacity_bytes: int):
         if capacity_bytes <= 0:
@@ -97,6 +99,10 @@ class Tier(abc.ABC):
         """Hand what this tier evicts to `hook` (None: stop). Only for tiers that declare
         `supports_evict_hook`."""
         raise TypeError(f"{self.name} tier: does not report evictions (supports_evict_hook is False)")
+
+    def set_event_sink(self, sink) -> None:
+        """Report stored and removed blocks to `sink` (a kvstore.events.TierEventSink; None: stop)."""
+        self._events = sink
 
     def close(self) -> None:
         """Release connections, threads and files; the tier is unusable afterwards."""

@@ -96,12 +96,15 @@ class ByteStoreTier(Tier):
             return
         start = time.perf_counter()
         nbytes = 0
+        sizes: list[int] | None = [] if self._events is not None and self._events.active else None
 
         def encoded():
             nonlocal nbytes
             for k, b in zip(keys, blocks):
                 head, payload = encode_parts(k, b, self.codec)
                 nbytes += len(head) + len(payload)
+                if sizes is not None:
+                    sizes.append(len(head) + len(payload))
                 yield head, payload
 
         try:
@@ -110,6 +113,8 @@ class ByteStoreTier(Tier):
             self._fault("put", e, skipped_writes=len(keys))
             return
         self._stats.add(puts=len(keys), bytes_written=nbytes, write_seconds=time.perf_counter() - start)
+        if sizes is not None:
+            self._events.stored(keys, sizes)
 
     def delete(self, keys: Sequence[BlockKey]) -> None:
         self._drop([k.to_bytes() for k in keys])
@@ -119,6 +124,9 @@ class ByteStoreTier(Tier):
             self._remove(raw_keys)
         except StoreUnavailable as e:
             self._fault("delete", e)
+            return
+        if self._events is not None:  # keys that were absent are harmless to report
+            self._events.removed([BlockKey.from_bytes(k) for k in raw_keys], "deleted")
 
 
 def decode_values(values: Sequence, keys: Sequence[BlockKey], into: Sequence[torch.Tensor]

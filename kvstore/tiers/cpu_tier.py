@@ -187,6 +187,8 @@ class CpuTier(Tier):
         evicted_keys: list[BlockKey] = []
         evicted_data: list[torch.Tensor] = []
         capacity = self.capacity_bytes
+        events = self._events if self._events is not None and self._events.active else None
+        changes: list | None = [] if events is not None else None  # (stored?, key, size) in order
         with self._lock:
             # Pass 1, metadata only: evict until each new block fits, then choose its slot.
             pending: dict[int, int] = {}  # slot -> index of the block to copy into it
@@ -209,12 +211,16 @@ class CpuTier(Tier):
                     self._owner[old] = None
                     self._used -= self._size[old]
                     self._free[self._kind[old]].append(old)
+                    if changes is not None:
+                        changes.append((False, old_key, self._size[old]))
                 free = self._free[kind]
                 slot = free.pop() if free else self._new_slot(kind)
                 self._slot_of[key] = slot
                 self._owner[slot] = key
                 self._used += size
                 pending[slot] = i
+                if changes is not None:
+                    changes.append((True, key, size))
             # Pass 2: one contiguous copy per block that ended up resident.
             if pending:
                 self._wait_inflight()
@@ -231,6 +237,8 @@ class CpuTier(Tier):
             for device in sources:  # the caller may reuse its blocks once put returns
                 torch.cuda.current_stream(device).synchronize()
             used = self._used
+            if changes:  # under the lock: concurrent puts publish in the order they applied
+                events.replay(changes)
         self._stats.add(
             puts=len(pending),
             evictions=len(evicted_keys),
@@ -243,14 +251,18 @@ class CpuTier(Tier):
             hook(evicted_keys, evicted_data)
 
     def delete(self, keys: Sequence[BlockKey]) -> None:
+        gone: list[tuple[BlockKey, int]] = []
         with self._lock:
             for key in keys:
                 slot = self._slot_of.pop(key, None)
                 if slot is not None:
+                    gone.append((key, self._size[slot]))
                     self._owner[slot] = None
                     self._used -= self._size[slot]
                     self._free[self._kind[slot]].append(slot)  # kept as a spare
             used = self._used
+            if gone and self._events is not None:
+                self._events.removed([k for k, _ in gone], "deleted", [s for _, s in gone])
         self._stats.set(used_bytes=used)
 
     def close(self) -> None:
@@ -266,6 +278,8 @@ class CpuTier(Tier):
             if self._preallocated:
                 self._free[0] = list(range(self._preallocated - 1, -1, -1))
         self._stats.set(used_bytes=0)
+        if self._events is not None:
+            self._events.cleared()
 
     # --- helpers ------------------------------------------------------------------------
     def _kind_for(self, t: torch.Tensor, what: str) -> int:

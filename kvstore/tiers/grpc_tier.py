@@ -277,6 +277,9 @@ class GrpcTier(ByteStoreTier):
             bytes_written=sum(r for _, r in results if r is not _FAILED),
             write_seconds=time.perf_counter() - start,
         )
+        if self._events is not None and self._events.active:  # sizes: the blocks' raw bytes
+            done = [i for p, r in results if r is not _FAILED for i in p]
+            self._events.stored([keys[i] for i in done], [blocks[i].numel() * blocks[i].element_size() for i in done])
 
     # --- maintenance ------------------------------------------------------------------
     def server_stats(self) -> dict[str, dict | None]:
@@ -288,6 +291,10 @@ class GrpcTier(ByteStoreTier):
             except grpc.RpcError:
                 out[server.address] = None
         return out
+
+    def breaker_states(self) -> dict[str, str]:
+        """Each server's circuit-breaker state, by address (for metrics)."""
+        return {server.address: server.breaker.state for server in self._servers}
 
     def close(self) -> None:
         if self._pool is not None:

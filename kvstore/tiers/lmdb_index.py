@@ -57,6 +57,7 @@ class IndexEdit:
         self.added = 0  # values newly stored in this transaction
         self.added_bytes = 0
         self.evicted = 0
+        self.evicted_keys: list[bytes] = []  # in eviction order, for KV events
 
     def _stamp(self, key: bytes, size: int) -> None:
         """Give `key` the newest access counter."""
@@ -100,6 +101,7 @@ class IndexEdit:
         cursor = self.txn.cursor(db=self.ix.order)
         while self.used > limit and cursor.first():
             key = bytes(cursor.value())
+            self.evicted_keys.append(key)
             cursor.delete()
             raw = self.txn.get(key, db=self.ix.meta)
             self.txn.delete(key, db=self.ix.blocks)

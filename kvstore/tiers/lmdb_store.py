@@ -22,7 +22,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lmdb
 
@@ -39,6 +39,10 @@ class WriteResult:
     added_bytes: int
     evicted: int  # values evicted by this write, including to make room in a full map
     used_bytes: int  # bytes of stored values after the write
+    # Keys evicted to make room in a full map before the write, then by the write itself
+    # (the write's may include keys it just added), for KV events.
+    room_evicted_keys: list[bytes] = field(default_factory=list)
+    evicted_keys: list[bytes] = field(default_factory=list)
 
 
 class LmdbStore:
@@ -124,9 +128,10 @@ class LmdbStore:
             try:
                 return self._commit(keys, values)
             except lmdb.MapFullError:
-                evicted = self._make_room(sum(len(v) for v in values) + self.map_size // 8)
+                room = self._make_room(sum(len(v) for v in values) + self.map_size // 8)
                 result = self._commit(keys, values)
-                result.evicted += evicted
+                result.evicted += len(room)
+                result.room_evicted_keys = room
                 return result
         except lmdb.Error as e:  # still full, disk full, I/O error
             raise StoreUnavailable(str(e)) from e
@@ -181,18 +186,18 @@ class LmdbStore:
             raise
         self.used_bytes = edit.used
         self.evictions += edit.evicted
-        return WriteResult(edit.added, edit.added_bytes, edit.evicted, edit.used)
+        return WriteResult(edit.added, edit.added_bytes, edit.evicted, edit.used, evicted_keys=edit.evicted_keys)
 
-    def _make_room(self, nbytes: int) -> int:
+    def _make_room(self, nbytes: int) -> list[bytes]:
         """Evict the oldest values, in a transaction of their own, until `nbytes` fewer are
-        stored (pages freed by a committed transaction can be reused); returns how many."""
+        stored (pages freed by a committed transaction can be reused); returns their keys."""
         try:
             with self._env.begin(write=True) as txn:
                 edit = self._index.edit(txn)
                 edit.evict_until(max(0, edit.used - nbytes))
                 edit.save()
         except lmdb.Error:
-            return 0  # even the eviction did not fit; the retry fails and is reported
+            return []  # even the eviction did not fit; the retry fails and is reported
         self.used_bytes = edit.used
         self.evictions += edit.evicted
-        return edit.evicted
+        return edit.evicted_keys

@@ -114,6 +114,16 @@ class LmdbTier(ByteStoreTier):
             self._fault("put", e, skipped_writes=len(keys))
             return
         self._stats.add(puts=len(keys), bytes_written=result.added_bytes, write_seconds=time.perf_counter() - start)
+        if self._events is not None and self._events.active:
+            self._report(keys, values, result)
+
+    def _report(self, keys: Sequence[BlockKey], values: list[bytes], result) -> None:
+        """KV events in the order the store applied them: room made in a full map, the
+        blocks written, then what the write evicted (possibly some of those blocks)."""
+        changes = [(False, BlockKey.from_bytes(k), 0) for k in result.room_evicted_keys]
+        changes += [(True, k, len(v)) for k, v in zip(keys, values)]
+        changes += [(False, BlockKey.from_bytes(k), 0) for k in result.evicted_keys]
+        self._events.replay(changes)
 
     # flush(): nothing to wait for. Puts are committed when put() returns, and pending LRU
     # touches are only order: the next write applies them before it evicts, close() too. A

@@ -38,6 +38,7 @@ from kvtier.kvstore.service.bulk_protocol import (
 )
 from kvtier.kvstore.service.server.admission import ConnectionTable
 from kvtier.kvstore.service.server.limits import BulkLimits, TenantQuota
+from kvtier.kvstore.service.server.metrics import KVServerMetrics
 from kvtier.kvstore.service.server.tickets import BulkTickets
 from kvtier.kvstore.service.server.store import (
     MAX_KEY_BYTES,
@@ -67,8 +68,9 @@ class _FatalFrame(Exception):
 class BulkListener:
     def __init__(self, host: str, port: int, store: BlockStore, *, advertised_host: str = "",
                  ssl_context: ssl.SSLContext | None = None, limits: BulkLimits | None = None,
-                 tickets: BulkTickets | None = None):
+                 tickets: BulkTickets | None = None, metrics: KVServerMetrics | None = None):
         self._store, self._ssl = store, ssl_context
+        self.metrics = metrics if metrics is not None else KVServerMetrics()
         self.limits = limits = limits or BulkLimits()
         self.tickets = tickets or BulkTickets(limits.ticket_ttl_s, limits.max_tickets, limits.max_tickets_per_tenant)
         self.inflight = TenantQuota(limits.max_inflight_bytes_per_tenant, limits.max_inflight_bytes)
@@ -148,6 +150,7 @@ class BulkListener:
         recv_exact_into(sock, memoryview(hello))
         grant = self.tickets.redeem(bytes(hello[len(MAGIC):])) if hello.startswith(MAGIC) else None
         if grant is None:
+            self.metrics.auth_failure("bulk")
             sock.sendall(encode_reply(UNAUTHENTICATED, message="unknown, used or expired bulk ticket"))
             return None
         refused = self.table.authenticated(conn, grant[1])
@@ -216,6 +219,7 @@ class _BulkSession:
         # np.empty: the buffer the store keeps, filled by the kernel with no zeroing pass first
         value = memoryview(np.empty(value_len, dtype=np.uint8)).cast("B")
         recv_exact_into(self._sock, value)
+        self._listener.metrics.bulk_received(key_len + value_len)
         key = bytes(key)
         problem = value_problem(key, value)
         if problem is not None:
@@ -261,12 +265,15 @@ class _BulkSession:
             recv_exact_into(self._sock, memoryview(key))
             keys.append(self._tag + key)
         out = BatchedSender(self._sock)
+        sent = 0
         for value in self._store.get_many(keys):
             if value is None:
                 out.add(VALUE_LENGTH.pack(0))  # absent
             else:
                 out.add(VALUE_LENGTH.pack(len(value)), value)
+                sent += len(value)
         out.flush()
+        self._listener.metrics.bulk_sent(sent)
 
     def _reject(self, status: int, message: str) -> None:
         self._store.reject()

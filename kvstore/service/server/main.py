@@ -10,6 +10,7 @@ bound it prints one line, `kvtier kv-server listening on HOST:PORT`, with the re
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import ssl
 import sys
@@ -19,9 +20,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from kvtier.sizes import parse_size, size_arg
+from kvtier.config_tree import add_key_flags, configure_logging
+from kvtier.kvstore.service.server.config import (KVServerConfig, build_kv_server_config, kv_server_keys,
+                                                  resolve_kv_server)
 from kvtier.kvstore.service.server.bulk import BulkListener
 from kvtier.kvstore.service.server.limits import BulkLimits
+from kvtier.kvstore.service.server.metrics import KVServerMetrics
 from kvtier.kvstore.service.protocol import BULK_TRANSFER_OPTIONS
 from kvtier.kvstore.service.tls import server_context
 from kvtier.kvstore.service.server.servicer import KVStoreServicer, kvstore_handler
@@ -30,66 +34,25 @@ from kvtier.kvstore.service.server.memory import keep_block_memory_for_reuse
 from kvtier.kvstore.service.server.auth import NamespaceResolver, TokenAuthInterceptor, load_token_file
 from kvtier.kvstore.service.server.store import BlockStore
 
-DEFAULT_MAX_MESSAGE = "16MiB"
 LISTENING = "kvtier kv-server listening on"
+METRICS_ON = "kvtier kv-server metrics on"
 
 
 def add_kv_server_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to bind (port 0: any free port, printed)")
-    p.add_argument("--capacity", type=size_arg, default=parse_size("8GiB"), help="memory budget, LRU over bytes (e.g. 8GiB)")
-    p.add_argument("--persist", default=None, metavar="PATH", help="LMDB directory behind the memory store")
-    p.add_argument("--persist-capacity", type=size_arg, default=None, help="LMDB budget (default: --capacity)")
-    p.add_argument("--max-message-bytes", type=size_arg, default=parse_size(DEFAULT_MAX_MESSAGE),
-                   help="largest gRPC message either way; bigger blocks travel as chunks")
-    p.add_argument("--workers", type=int, default=16, help="handler threads (concurrent calls)")
-    p.add_argument("--auth-token-file", default=None, metavar="F",
-                   help="tokens clients must send as 'authorization: Bearer <token>', one per line")
-    p.add_argument("--namespace-per-token", action="store_true", help="each token sees only its own keys")
-    p.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS with --tls-key)")
-    p.add_argument("--tls-key", default=None, help="PEM private key")
-    p.add_argument("--tls-client-ca", default=None, metavar="F",
-                   help="mutual TLS: clients must present a certificate signed by this CA (PEM)")
-    p.add_argument("--bulk-listen", default="auto", metavar="HOST:PORT",
-                   help="the bulk stream's TCP port for Put bytes ('auto': --listen's host, any free port; "
-                        "'off': none, puts go through gRPC)")
-    p.add_argument("--bulk-advertise-host", default="",
-                   help="host clients should dial for the bulk stream (default: the host they reached gRPC on)")
-    p.add_argument("--drain-seconds", type=float, default=10.0, help="how long SIGTERM waits for in-flight calls")
-    _add_limit_arguments(p)
+    """--config and one flag per KVServerConfig field (and --log-level), all from the tree.
+    A new option is a field of KVServerConfig (config.py), not a flag here; --metrics-port is
+    KVServerConfig.metrics_port."""
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML or JSON config file with a kv_server: section (flags and KVTIER_KV_SERVER_* "
+                        "variables override it)")
+    add_key_flags(p, kv_server_keys())
 
 
-def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
-    """Limits against hostile or broken clients (limits.py, admission.py); a tenant is a token."""
-    d = BulkLimits()
-    p.add_argument("--bulk-handshake-timeout", type=float, default=d.handshake_timeout_s, metavar="S",
-                   help="seconds from accept to a redeemed ticket on the bulk port, the whole handshake")
-    p.add_argument("--bulk-max-connections", type=int, default=d.max_connections, metavar="N",
-                   help="bulk connections in all, ticketed or not")
-    p.add_argument("--bulk-max-unauthenticated", type=int, default=d.max_unauthenticated, metavar="N",
-                   help="bulk connections still without a ticket (the oldest is dropped for a new one)")
-    p.add_argument("--bulk-max-unauthenticated-per-address", type=int, default=d.max_unauthenticated_per_address,
-                   metavar="N", help="the same, per client address")
-    p.add_argument("--bulk-max-connections-per-tenant", type=int, default=d.max_connections_per_tenant,
-                   metavar="N", help="ticketed bulk connections per tenant (token)")
-    p.add_argument("--bulk-max-tickets", type=int, default=d.max_tickets, metavar="N", help="unused bulk tickets in all")
-    p.add_argument("--bulk-max-tickets-per-tenant", type=int, default=d.max_tickets_per_tenant, metavar="N",
-                   help="unused bulk tickets per tenant; more OpenBulk calls are RESOURCE_EXHAUSTED")
-    p.add_argument("--bulk-max-inflight", type=size_arg, default=d.max_inflight_bytes, metavar="SIZE",
-                   help="received block bytes not yet stored, in all")
-    p.add_argument("--bulk-max-inflight-per-tenant", type=size_arg, default=d.max_inflight_bytes_per_tenant,
-                   metavar="SIZE", help="the same, per tenant")
-    p.add_argument("--max-health-watches", type=int, default=64, metavar="N",
-                   help="open grpc.health.v1 Watch streams (they hold no worker thread)")
-
-
-def _bulk_limits(args: argparse.Namespace) -> BulkLimits:
-    return BulkLimits(
-        handshake_timeout_s=args.bulk_handshake_timeout, max_connections=args.bulk_max_connections,
-        max_unauthenticated=args.bulk_max_unauthenticated,
-        max_unauthenticated_per_address=args.bulk_max_unauthenticated_per_address,
-        max_connections_per_tenant=args.bulk_max_connections_per_tenant, max_tickets=args.bulk_max_tickets,
-        max_tickets_per_tenant=args.bulk_max_tickets_per_tenant, max_inflight_bytes=args.bulk_max_inflight,
-        max_inflight_bytes_per_tenant=args.bulk_max_inflight_per_tenant)
+def server_config(args: argparse.Namespace | KVServerConfig) -> KVServerConfig:
+    """The validated config: as given, or resolved from flags > environment > --config > defaults."""
+    if isinstance(args, KVServerConfig):
+        return args
+    return build_kv_server_config(resolve_kv_server(args, os.environ))
 
 
 def add_kv_server_parser(subparsers) -> argparse.ArgumentParser:
@@ -106,6 +69,8 @@ class RunningServer:
     store: BlockStore
     health: HealthService
     bulk: BulkListener | None
+    metrics: KVServerMetrics | None = None
+    metrics_port: int | None = None  # the bound HTTP port of /metrics, when served
 
     def stop(self, grace: float) -> None:
         """Refuse new calls, let in-flight ones finish for up to `grace` seconds, close."""
@@ -114,6 +79,8 @@ class RunningServer:
         if self.bulk is not None:
             self.bulk.stop(grace)
         stopped.wait()
+        if self.metrics is not None:
+            self.metrics.close()
         self.store.close()
 
 
@@ -125,17 +92,11 @@ def _open_persist(path: str, capacity: int):
     return LmdbStore(path, capacity)
 
 
-def start_server(args: argparse.Namespace) -> RunningServer:
-    """Build and start the server from parsed flags; ValueError for a bad configuration."""
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
-    if args.tls_client_ca and not args.tls_cert:
-        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-    if args.max_message_bytes < 4096:
-        raise ValueError(f"--max-message-bytes must be at least 4096, got {args.max_message_bytes}")
-    limits = _bulk_limits(args)  # ValueError naming the bad limit, before anything opens
+def start_server(args: argparse.Namespace | KVServerConfig) -> RunningServer:
+    """Build and start the server from parsed flags or a KVServerConfig; ValueError for a bad
+    configuration."""
+    args = server_config(args)
+    limits = args.bulk_limits()  # ValueError naming the bad limit, before anything opens
     health = HealthService(args.max_health_watches)
     grants = load_token_file(args.auth_token_file) if args.auth_token_file else None
     namespaces = NamespaceResolver(grants, args.namespace_per_token)
@@ -149,13 +110,15 @@ def start_server(args: argparse.Namespace) -> RunningServer:
         ("grpc.so_reuseport", 0),
         *BULK_TRANSFER_OPTIONS,
     ]
-    interceptors = [TokenAuthInterceptor(grants)] if grants else []
+    metrics = KVServerMetrics(store)
+    # Metrics first (outermost): it also sees the calls the auth interceptor refuses.
+    interceptors = [metrics.interceptor(), *([TokenAuthInterceptor(grants)] if grants else [])]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers), options=options,
                          interceptors=interceptors)
     bulk = None
     try:
         if args.bulk_listen != "off":
-            bulk = _open_bulk(args, store, limits)
+            bulk = _open_bulk(args, store, limits, metrics)
         servicer = KVStoreServicer(store, namespaces, args.max_message_bytes, bulk)
         server.add_generic_rpc_handlers((kvstore_handler(servicer), health.generic_handler()))
         if args.tls_cert:
@@ -169,10 +132,26 @@ def start_server(args: argparse.Namespace) -> RunningServer:
             bulk.stop(0)
         store.close()
         raise e if isinstance(e, ValueError) else ValueError(f"cannot listen on {args.listen}: {e}")
+    metrics_port = _serve_metrics(args, metrics, server, bulk, store)
     server.start()
     if bulk is not None:
         bulk.start()
-    return RunningServer(server, port, store, health, bulk)
+    return RunningServer(server, port, store, health, bulk, metrics, metrics_port)
+
+
+def _serve_metrics(args, metrics: KVServerMetrics, server, bulk, store) -> int | None:
+    """Start /metrics on --metrics-port (None: off); on failure undo what start_server opened."""
+    port = args.metrics_port  # validated by KVServerConfig
+    if port is None:
+        return None
+    try:
+        return metrics.serve(port, args.listen.rpartition(":")[0].strip("[]"))
+    except OSError as e:
+        server.stop(0)
+        if bulk is not None:
+            bulk.stop(0)
+        store.close()
+        raise ValueError(f"cannot serve metrics on port {port}: {e.strerror or e}")
 
 
 def _read(path: str) -> bytes:
@@ -191,7 +170,7 @@ def _grpc_credentials(args) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(pair)
 
 
-def _open_bulk(args, store: BlockStore, limits: BulkLimits) -> BulkListener:
+def _open_bulk(args, store: BlockStore, limits: BulkLimits, metrics: KVServerMetrics) -> BulkListener:
     """The bulk-stream listener; TLS (and client certificates) exactly as for gRPC."""
     spec = args.listen if args.bulk_listen == "auto" else args.bulk_listen
     host, _, port = spec.rpartition(":")
@@ -204,7 +183,7 @@ def _open_bulk(args, store: BlockStore, limits: BulkLimits) -> BulkListener:
         context = server_context(args.tls_cert, args.tls_key, args.tls_client_ca)
     try:
         return BulkListener(host.strip("[]"), int(port), store, advertised_host=args.bulk_advertise_host,
-                            ssl_context=context, limits=limits)
+                            ssl_context=context, limits=limits, metrics=metrics)
     except OSError as e:
         raise ValueError(f"cannot listen on {spec} for the bulk stream: {e.strerror or e}")
 
@@ -213,6 +192,9 @@ def run_kv_server(args: argparse.Namespace) -> int:
     """Serve until SIGTERM / SIGINT, then drain; the process exit code."""
     keep_block_memory_for_reuse()
     try:
+        resolved = resolve_kv_server(args, os.environ)
+        configure_logging(resolved.get("logging.level", "warning"))
+        args = build_kv_server_config(resolved)
         running = start_server(args)
     except ValueError as e:
         print(f"kvtier kv-server: error: {e}", file=sys.stderr)
@@ -223,6 +205,8 @@ def run_kv_server(args: argparse.Namespace) -> int:
     host = args.listen.rsplit(":", 1)[0]
     bulk = f" (bulk stream on port {running.bulk.port})" if running.bulk else ""
     print(f"{LISTENING} {host}:{running.port}{bulk}", flush=True)
+    if running.metrics_port is not None:
+        print(f"{METRICS_ON} {host}:{running.metrics_port}", flush=True)
     while not stop.wait(timeout=1.0):  # a timed wait keeps the main thread able to take signals
         pass
     running.stop(args.drain_seconds)

@@ -1,0 +1,120 @@
+"""The engine contains a faulty connector (connectors/guard.py): a plugin that raises in any
+method, over-offers in lookup or never reports a load costs recomputation only. Outputs
+equal a run without a connector, every device block is free again afterwards, the fault is
+counted, and a load that never reports neither hangs nor spins the engine loop."""
+import pathlib
+import random
+import time
+
+import pytest
+from hf_checkpoints import make_variant
+
+from kvtier import LLM, SamplingParams
+from kvtier.engine.config import EngineConfig
+
+PLUGIN_DIR = pathlib.Path(__file__).parent / "plugins"
+PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+LENGTHS = [40, 100, 150, 200]
+METHODS = ["lookup", "on_allocated", "request_blocks_saved", "build_metadata", "start_load", "save",
+           "get_finished", "on_request_finished"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = make_variant(tmp_path_factory.mktemp("llama"), "llama")
+    rng = random.Random(13)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 500) for _ in range(n)]} for n in LENGTHS]
+    with LLM(path) as llm:
+        reference = _tokens(llm.generate(prompts, PARAMS, use_tqdm=False))
+    return dict(path=path, prompts=prompts, reference=reference)
+
+
+@pytest.fixture(autouse=True)
+def plugins(monkeypatch):
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
+
+
+def _tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _two_runs(model, connector, config=None, timeout_s=0.3):
+    """Store every prompt's blocks, drop the device cache, run again: the second run asks
+    the connector for every prefix. Returns (second outputs, engine after both runs)."""
+    llm = LLM(model["path"], kv_connector=connector, kv_connector_config=config, kv_load_timeout_s=timeout_s)
+    first = llm.generate(model["prompts"], PARAMS, use_tqdm=False)
+    assert _tokens(first) == model["reference"]
+    assert llm.engine.kv.reset_prefix_cache(), "every block is free after the first run"
+    return llm, llm.generate(model["prompts"], PARAMS, use_tqdm=False)
+
+
+def _assert_no_block_held(llm):
+    stats = llm.engine.kv.stats()
+    assert stats["free_blocks"] == stats["blocks"], "a device block leaked"
+    assert not llm.engine.scheduler.loading and not llm.engine.scheduler.held
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_plugin_raising_in_any_method_costs_only_recomputation(model, method):
+    llm, outs = _two_runs(model, "kvtier_faulty_plugin:BrokenConnector", {"break": method})
+    with llm:
+        assert llm.engine.connector.raised > 0, "the fault was injected"
+        assert _tokens(outs) == model["reference"]
+        _assert_no_block_held(llm)
+        faults = llm.kv_stats()["connector_calls"]["faults"]
+        assert any(kind.startswith(f"connector.{method}") for kind in faults), faults
+        if method in ("on_allocated", "build_metadata", "start_load", "get_finished"):
+            assert llm.engine.scheduler.num_load_failures > 0, "the load failed and was recomputed"
+            assert all(o.kv_sources.get("dict", 0) == 0 for o in outs)
+
+
+def test_a_save_fault_is_logged_once_per_kind_not_per_block(model, caplog):
+    with caplog.at_level("WARNING", logger="kvtier.connectors.guard"):
+        llm, _ = _two_runs(model, "kvtier_faulty_plugin:BrokenConnector", {"break": "save"})
+        with llm:
+            count = llm.kv_stats()["connector_calls"]["faults"]["connector.save: RuntimeError"]
+    assert count > 1
+    assert len([r for r in caplog.records if "connector.save" in r.getMessage()]) == 1
+
+
+def test_a_load_that_never_reports_times_out_without_spinning(model):
+    start = time.monotonic()
+    llm, outs = _two_runs(model, "kvtier_faulty_plugin:NeverReports", timeout_s=0.5)
+    with llm:
+        elapsed = time.monotonic() - start
+        connector = llm.engine.connector
+        assert connector.num_loaded_blocks > 0, "loads were started and left hanging"
+        assert _tokens(outs) == model["reference"]
+        _assert_no_block_held(llm)
+        assert llm.kv_stats()["connector_calls"]["load_timeouts"] == len(LENGTHS)
+        # An idle loop that spun would ask tens of thousands of times per second.
+        assert connector.get_finished_calls < 400 * elapsed, (connector.get_finished_calls, elapsed)
+
+
+@pytest.mark.parametrize("offer", ["all", "ragged"])
+def test_lookup_offers_are_cut_to_whole_blocks_before_the_last_token(model, offer, caplog):
+    with caplog.at_level("DEBUG", logger="kvtier.connectors.guard"):
+        llm, outs = _two_runs(model, "kvtier_faulty_plugin:Offering", {"offer": offer})
+    with llm:
+        assert _tokens(outs) == model["reference"]
+        _assert_no_block_held(llm)
+        assert llm.kv_stats()["connector_calls"]["clamped_lookups"] > 0
+    assert any("offered" in r.getMessage() for r in caplog.records)
+    for o, n in zip(outs, LENGTHS):
+        offered = n if offer == "all" else n - n % 16 - 3
+        assert o.kv_sources["dict"] == min(offered // 16 * 16, (n - 1) // 16 * 16), "whole usable blocks load"
+
+
+def test_a_lookup_answer_that_is_not_a_token_count_is_a_miss(model):
+    llm, outs = _two_runs(model, "kvtier_faulty_plugin:Offering", {"offer": "junk"})
+    with llm:
+        assert _tokens(outs) == model["reference"]
+        _assert_no_block_held(llm)
+        assert llm.kv_stats()["connector_calls"]["faults"]["connector.lookup: TypeError"] == len(LENGTHS)
+    assert all(o.kv_sources.get("dict", 0) == 0 for o in outs)
+
+
+@pytest.mark.parametrize("value", [0, -1, None, float("inf"), float("nan"), True, "30"])
+def test_kv_load_timeout_s_is_validated(value):
+    with pytest.raises(ValueError, match="kv_load_timeout_s"):
+        EngineConfig(model="unused", kv_load_timeout_s=value)
