@@ -153,6 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lmdb-dir", default=None, help="lmdb: parent folder for the scratch environments")
     ap.add_argument("--redis-url", default=None, help="redis: use this server (default: start a private one)")
     ap.add_argument("--compare-repeats", type=int, default=9, help="grpc: repeats of each grpc-vs-redis row")
+    ap.add_argument("--redis-conns", default="4", help="redis: the tier's conns= values of the wire rows, "
+                    "comma-separated (conns=1 always runs too)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     kinds = [k.strip() for k in args.tiers.split(",") if k.strip()]

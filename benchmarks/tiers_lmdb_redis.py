@@ -8,7 +8,10 @@
   evicts by its LRU budget, the raw side deletes the batch written `rounds` ago in the same
   transaction.
 - redis: RedisTier.put (+ flush) and .get vs redis-py on the same server: a pipeline of
-  SET per batch, and one MGET whose values are copied into the destination tensors.
+  SET per batch, and one MGET whose values are copied into the destination tensors. Then
+  the wire rows (`redis_wire`): 160 KiB and 1 MiB blocks, 1 and 8 concurrent engines
+  (threads, each with its own tier and redis-py client), the tier with `conns=1` and with
+  each of --redis-conns next to redis-py's pipelined SET / MGET of the same bytes.
 
 The tier does more than the raw client on the same bytes (a header, an xxh3 checksum
 written and verified, the LRU index; and put() snapshots the blocks, since it returns
@@ -25,17 +28,21 @@ and stopped afterwards; a shared Redis is never touched by default.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import socket
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 
 import torch
 
 from tiers import _row, make_keys
+
+from kvtier.kvstore.tiers.spec import BlockLayout
 
 ROUNDS = 4  # batches each store keeps
 
@@ -165,7 +172,11 @@ def bench_redis(args, layout, device) -> list[dict]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(_one_torch_thread())
         url = getattr(args, "redis_url", None) or stack.enter_context(_private_redis())
-        return _bench_redis(args, layout, url)
+        rows = _bench_redis(args, layout, url)
+        conns = [int(c) for c in str(getattr(args, "redis_conns", "4")).split(",")]
+        for (name, wire_layout), clients in itertools.product(WIRE_LAYOUTS, (1, 8)):
+            rows.append(_wire_row(args, url, name, wire_layout, clients, conns))
+        return rows
 
 
 def _bench_redis(args, layout, url) -> list[dict]:
@@ -223,3 +234,90 @@ def _bench_redis(args, layout, url) -> list[dict]:
     rows[0]["raw_tobytes_gbps"] = round(args.batch * layout.nbytes / statistics.median(tobytes) / 1e9, 3)
     rows[0]["ratio_vs_tobytes"] = round(statistics.median(r / t for t, r in zip(times["tier", "put"], tobytes)), 3)
     return rows
+
+
+# Block sizes of the wire rows: a 160 KiB block (e.g. a 7-8B model's fp16 block of 16
+# tokens per layer group) and a 1 MiB one; fp16, as engines store them.
+WIRE_LAYOUTS = [("160KiB", BlockLayout((4, 2, 16, 8, 80), torch.float16, torch.device("cpu"))),
+                ("1MiB", BlockLayout((16, 2, 16, 8, 128), torch.float16, torch.device("cpu")))]
+WIRE_BATCH_BYTES = 16 << 20  # per engine per call
+
+
+def _wire_row(args, url: str, name: str, layout: BlockLayout, clients: int, conns: list[int]) -> dict:
+    """One block size and engine count: GB/s of each variant (all engines together) and the
+    median per-repeat ratio of each tier variant to redis-py."""
+    import redis
+
+    from kvtier.kvstore.tiers.redis_tier import RedisTier
+
+    batch = max(1, WIRE_BATCH_BYTES // layout.nbytes)
+    gen = torch.Generator().manual_seed(2)
+    src = [torch.randn(layout.shape, generator=gen).to(layout.dtype) for _ in range(batch)]
+    raw_src = [memoryview(b.view(torch.uint8).numpy()).cast("B") for b in src]
+    dst = [[torch.empty_like(b) for b in src] for _ in range(clients)]
+    keys = [make_keys(batch, (c + 1) << 20) for c in range(clients)]
+    raw_keys = [[b"kvtier-bench-wire-raw:" + k.hex().encode() for k in ks] for ks in keys]
+    variants = sorted({1, *conns})
+    tiers = {n: [RedisTier(url, prefix=f"kvtier-bench-wire{n}:", timeout=30.0, conns=n) for _ in range(clients)]
+             for n in variants}
+    raw = [redis.Redis.from_url(url, socket_timeout=30.0) for _ in range(clients)]
+
+    def raw_put(c):
+        pipe = raw[c].pipeline(transaction=False)
+        for k, v in zip(raw_keys[c], raw_src):
+            pipe.set(k, v)
+        pipe.execute()
+
+    def raw_get(c):
+        for v, out in zip(raw[c].mget(raw_keys[c]), dst[c]):
+            out.copy_(torch.frombuffer(v, dtype=layout.dtype).view(layout.shape))
+
+    steps = {("redis-py", "put"): raw_put, ("redis-py", "get"): raw_get}
+    for n in variants:
+        steps[f"tier{n}", "put"] = lambda c, n=n: tiers[n][c].put(keys[c], src)
+        steps[f"tier{n}", "get"] = lambda c, n=n: tiers[n][c].get(keys[c], dst[c])
+    try:
+        times = _together_alternating(steps, clients, getattr(args, "compare_repeats", 9))
+        for n in variants:
+            for c, tier in enumerate(tiers[n]):
+                if not all(tier.get(keys[c], dst[c])) or not all(torch.equal(a, b) for a, b in zip(src, dst[c])):
+                    raise RuntimeError(f"redis tier conns={n} returned wrong or missing blocks")
+                if tier.stats().errors or tier.stats().skipped_writes:
+                    raise RuntimeError(f"redis tier conns={n} had faults during the benchmark: {tier.stats()}")
+                tier.delete(keys[c])
+        for c in range(clients):
+            raw[c].delete(*raw_keys[c])
+    finally:
+        for tier in itertools.chain(*tiers.values()):
+            tier.close()
+        for client in raw:
+            client.close()
+    nbytes = clients * batch * layout.nbytes
+    row = {"tier": "redis_wire", "block": name, "block_bytes": layout.nbytes, "blocks": batch, "clients": clients}
+    for op in ("put", "get"):
+        ref = times["redis-py", op]
+        row[f"{op}_redis_py_gbps"] = round(nbytes / statistics.median(ref) / 1e9, 3)
+        for n in variants:
+            t = times[f"tier{n}", op]
+            row[f"{op}_conns{n}_gbps"] = round(nbytes / statistics.median(t) / 1e9, 3)
+            row[f"{op}_conns{n}_vs_redis_py"] = round(statistics.median(r / x for x, r in zip(t, ref)), 3)
+    return row
+
+
+def _together_alternating(steps: dict, clients: int, repeats: int, warmup: int = 3) -> dict:
+    """Each step run by all engines at once (one thread each), in a rotating order; the
+    wall time of each step per repeat, warm-up repeats dropped."""
+    times = {k: [] for k in steps}
+    names = list(steps)
+    for rep in range(warmup + repeats):
+        shift = rep % len(names)
+        for step in names[shift:] + names[:shift]:
+            threads = [threading.Thread(target=steps[step], args=(c,)) for c in range(clients)]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if rep >= warmup:
+                times[step].append(time.perf_counter() - start)
+    return times

@@ -60,6 +60,11 @@ _META = {
     "kv_write_policy": {"help": "how tiers below the first are written",
                         "choices": ("write-through", "write-back")},
     "metrics_port": {"help": "serve Prometheus /metrics on this port (0: any free port)"},
+    "kv_load_timeout_s": {"help": "seconds a connector load may take before it is recomputed"},
+    "kv_events_endpoint": {"help": "publish KV events on this ZMQ address (vLLM's schema), e.g. tcp://*:5557"},
+    "kv_events_topic": {"help": "ZMQ topic of the KV-event messages"},
+    "kv_events_file": {"help": "append KV events to this JSON-lines file"},
+    "kv_events_queue": {"help": "events each consumer may have queued before new ones are dropped"},
 }
 _ENGINE_TREE_ONLY = "KVTIER_CACHE_DIR"  # the demo's cache directory, not a config key
 ENV_ALIASES = {"KVTIER_API_KEY": "server.api_key"}

@@ -1,6 +1,7 @@
 """Socket helpers shared by the Redis writer and the kv-server's bulk stream."""
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import struct
@@ -83,3 +84,23 @@ def send_buffers(sock: socket.socket, buffers: list) -> None:
 
 
 _IOV_MAX = 1024  # Linux's limit on buffers per sendmsg
+
+
+def discard_exact(sock: socket.socket, n: int) -> None:
+    """Read and drop exactly n bytes (a value that failed its checks, to stay in sync)."""
+    scratch = memoryview(bytearray(min(n, 1 << 20)))
+    while n:
+        step = min(n, len(scratch))
+        recv_exact_into(sock, scratch[:step])
+        n -= step
+
+
+def idle_and_open(sock: socket.socket) -> bool:
+    """An idle connection is readable only when the peer closed it (or broke protocol).
+    poll, not select: select fails on descriptors above 1023, common in a busy engine."""
+    poller = select.poll()
+    try:
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)
+    except (OSError, ValueError):
+        return False

