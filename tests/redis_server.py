@@ -7,6 +7,7 @@ temporary directory. Nothing here ever touches a Redis that the test did not sta
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -203,3 +204,40 @@ class RedisClusterServers:
         for node in self.nodes:
             node.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def tls_server_or_skip():
+    """A started TLS RedisServer, or the test skipped naming why (no openssl, or a
+    redis-server built without TLS); stopped afterwards."""
+    import pytest
+
+    server = RedisServer(tls=True)
+    try:
+        server.start()
+    except (RuntimeError, OSError) as e:
+        server.stop()
+        pytest.skip(f"cannot start a TLS redis-server here: {e}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def cluster_or_skip():
+    """Started RedisClusterServers, or the test skipped naming why (no redis-cli, or a
+    redis-server too old for --cluster-port); stopped afterwards."""
+    import pytest
+
+    if redis_cli_binary() is None:
+        pytest.skip("redis-cli not found: cannot form a Redis Cluster here")
+    cluster = RedisClusterServers()
+    try:
+        try:
+            cluster.start()
+        except RuntimeError as e:
+            pytest.skip(f"cannot start a Redis Cluster here: {e}")
+        yield cluster
+    finally:
+        cluster.stop()

@@ -240,36 +240,21 @@ def test_password_and_database_from_the_url_reach_the_block_connections():
 
 
 def test_tls_blocks_identical_to_redis_py():
-    server = RedisServer(tls=True)
-    try:
-        server.start()
-    except (RuntimeError, OSError) as e:
-        server.stop()
-        pytest.skip(f"cannot start a TLS redis-server here: {e}")
-    try:
+    from redis_server import tls_server_or_skip
+
+    with tls_server_or_skip() as server:
         _identical_round_trip(f"rediss://127.0.0.1:{server.port}/0", conns=2,
                               client_options={"ssl_ca_certs": server.ca_file}).close()
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow  # forming a cluster takes redis-cli a few seconds
 def test_cluster_per_slot_mgets_identical_to_redis_py():
-    from redis_server import RedisClusterServers, redis_cli_binary
+    from redis_server import cluster_or_skip
 
-    if redis_cli_binary() is None:
-        pytest.skip("redis-cli not found: cannot form a Redis Cluster here")
-    cluster = RedisClusterServers()
-    try:
-        try:
-            cluster.start()
-        except RuntimeError as e:
-            pytest.skip(f"cannot start a Redis Cluster here: {e}")
+    with cluster_or_skip() as cluster:
         tier = _identical_round_trip(cluster.url, n=30)
         assert min(node.client().dbsize() for node in cluster.nodes) > 0  # spread over nodes
         tier.close()
-    finally:
-        cluster.stop()
 
 
 @pytest.mark.parametrize("spec, message", [("redis://h:1?conns=0", "conns must be >= 1"),

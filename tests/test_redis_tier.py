@@ -2,14 +2,13 @@
 round trips, TTL, key namespaces, a server killed and restarted, one unreachable from the
 start, one hung, a cluster, bad specs; and the circuit breaker on its own."""
 import hashlib
-import logging
 import signal
 import time
 import warnings
 
 import pytest
 import torch
-from redis_server import RedisClusterServers, RedisServer, free_port, redis_cli_binary
+from redis_server import RedisServer, cluster_or_skip, free_port, tls_server_or_skip
 
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
 from kvtier.kvstore.format.codec import HEADER_BYTES
@@ -184,31 +183,18 @@ def test_hung_server_times_out_then_the_breaker_answers_at_once():
 
 
 def test_tls_round_trip():
-    server = RedisServer(tls=True)
-    try:
-        server.start()
-    except (RuntimeError, OSError) as e:  # no openssl, or a redis-server built without TLS
-        server.stop()
-        pytest.skip(f"cannot start a TLS redis-server here: {e}")
-    t = build_tier(f"{server.url}?ssl_ca_certs={server.ca_file}&timeout=1", LAYOUT)
-    try:
-        put_all(t, [0, 1])
-        assert t.url.startswith("rediss://") and fetch(t, [0, 1])[0] == [True, True]
-    finally:
-        t.close()
-        server.stop()
+    with tls_server_or_skip() as server:
+        t = build_tier(f"{server.url}?ssl_ca_certs={server.ca_file}&timeout=1", LAYOUT)
+        try:
+            put_all(t, [0, 1])
+            assert t.url.startswith("rediss://") and fetch(t, [0, 1])[0] == [True, True]
+        finally:
+            t.close()
 
 
 @pytest.mark.slow  # forming a cluster takes redis-cli a few seconds
 def test_cluster_spreads_keys_over_nodes():
-    if redis_cli_binary() is None:
-        pytest.skip("redis-cli not found: cannot form a Redis Cluster here")
-    cluster = RedisClusterServers()
-    try:
-        try:
-            cluster.start()
-        except RuntimeError as e:  # e.g. an older redis-server without --cluster-port
-            pytest.skip(f"cannot start a Redis Cluster here: {e}")
+    with cluster_or_skip() as cluster:
         t = build_tier(f"{cluster.url}?timeout=1", LAYOUT)
         try:
             put_all(t, range(30))
@@ -222,8 +208,6 @@ def test_cluster_spreads_keys_over_nodes():
             assert t.stats().errors == 0
         finally:
             t.close()
-    finally:
-        cluster.stop()
 
 
 @pytest.mark.parametrize(
