@@ -110,6 +110,10 @@ class EngineConfig:
     # Serve this engine's Prometheus metrics over HTTP on this port (all interfaces; 0: any
     # free port); None: no HTTP server, metrics only through LLM.metrics_text().
     metrics_port: int | None = None
+    # Batch-invariant kernels (docs/determinism.md): a request's logprobs are the same bits
+    # whatever the batch, the chunking, or the tier its KV came from. Requests may opt out
+    # per request (SamplingParams(deterministic=False)) and then run the fast kernels.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -135,6 +139,15 @@ class EngineConfig:
         self._validate_connector()
         self._validate_kv_events()
         self._validate_aliases()
+        self._validate_determinism()
+
+    def _validate_determinism(self) -> None:
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"deterministic: must be True or False, got {self.deterministic!r}")
+        if self.deterministic and self.kv_tiers:
+            from kvtier.engine.determinism import check_tier_codecs
+
+            check_tier_codecs(self.kv_tiers)
 
     def _validate_parking(self) -> None:
         from kvtier.engine.parking.policy import POLICIES

@@ -42,6 +42,8 @@ _META = {
     "kv_cache_memory_bytes": {"help": "device KV pool size, e.g. 512MiB", "size": True,
                               "flag": "--kv-cache-memory", "flag_aliases": ("--kv-cache-memory-bytes",)},
     "seed": {"help": "random seed"},
+    "deterministic": {"help": "batch-invariant kernels: bitwise-identical logprobs whatever the batch, chunking "
+                              "or tier (docs/determinism.md)"},
     "attention_backend": {"help": "attention path", "choices": ("auto", "sdpa", "reference")},
     "kv_tiers": {"help": "KV tier below the device pool, fastest first (repeatable): cpu:4GiB, "
                          "lmdb:PATH?size=64GiB, redis://host:port/0?ttl=3600, grpc://host:port",

@@ -14,6 +14,7 @@ from kvtier.connectors.base import ConnectorContext, KVConnector
 from kvtier.connectors.guard import ConnectorGuard
 from kvtier.connectors.registry import build_connector
 from kvtier.engine.config import EngineConfig
+from kvtier.engine.determinism import cache_salt_for, derived_seed, enable_batch_invariance
 from kvtier.engine.kv_cache.block_hash import model_namespace, root_hash
 from kvtier.engine.kv_cache.setup import build_kv_cache
 from kvtier.engine.kv_events import KVEventHub
@@ -39,6 +40,9 @@ class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.model, self.arch = load_model(config.model, config.dtype, config.device)
+        # Deterministic mode: the shared row-invariant matmul (its probed strategies per shape).
+        self.invariant_matmul = enable_batch_invariance(self.model, config.block_size) if config.deterministic \
+            else None
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.max_model_len = self._resolve_max_model_len()
 
@@ -167,6 +171,10 @@ class Engine:
         rid = request_id if request_id is not None else f"{self._id_prefix}-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request_id: {rid!r} is already in flight")
+        deterministic = self.config.deterministic if params.deterministic is None else params.deterministic
+        if deterministic and not self.config.deterministic:
+            raise ValueError("deterministic: this engine was started without deterministic=True "
+                             "(--deterministic), so it cannot serve batch-invariant requests")
         return Request(
             request_id=rid,
             prompt_token_ids=token_ids,
@@ -174,14 +182,18 @@ class Engine:
             prompt=text,
             cache_salt=cache_salt,
             eos_token_ids=tuple(self.arch.eos_token_ids),
-            hash_root=root_hash(self.namespace, cache_salt),
+            hash_root=root_hash(self.namespace, cache_salt_for(cache_salt, deterministic)),
+            deterministic=deterministic,
         )
 
     def _queue(self, req: Request, parked=None) -> Request:
         params = req.sampling_params
-        if params.seed is not None:
+        seed = params.seed
+        if seed is None and req.deterministic and not params.is_greedy:
+            seed = derived_seed(self.config.seed, req.prompt_token_ids)
+        if seed is not None:
             req.generator = torch.Generator(device=self.config.device)
-            req.generator.manual_seed(params.seed)
+            req.generator.manual_seed(seed)
         if params.logprobs is not None:
             req.logprobs = []
         self.requests[req.request_id] = req

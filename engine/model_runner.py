@@ -81,11 +81,13 @@ class ModelRunner:
                 seqs, q_start = [], 0
                 for seq, view in zip(out.seqs, views):
                     init, live, checkpoints = view[g.index]
-                    seqs.append(SsmSeq(q_start, seq.num_new, init, live, checkpoints))
+                    seqs.append(SsmSeq(q_start, seq.num_new, init, live, checkpoints, seq.request.deterministic))
                     q_start += seq.num_new
                 groups.append(build_ssm_metadata(seqs, self.device))
             else:
                 specs = [(seq.num_computed, seq.num_new, view[g.index]) for seq, view in zip(out.seqs, views)]
                 window = g.spec.window if g.kind == "sliding" else None
-                groups.append(build_attention_metadata(specs, self.block_size, self.device, window=window))
+                invariant = [seq.request.deterministic for seq in out.seqs]
+                groups.append(build_attention_metadata(specs, self.block_size, self.device, window=window,
+                                                       invariant=invariant))
         return StepMetadata(groups)

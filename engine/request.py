@@ -57,6 +57,7 @@ class Request:
     parked_id: str | None = None  # set when the request parked at its end
     holds_kv: bool = False  # a resumed turn that took over its parked blocks
     resumed_tokens: int = 0  # a resumed turn: length of the parked sequence it continues
+    deterministic: bool = False  # batch-invariant kernels serve it (engine/determinism.py)
     prefetch_only: bool = False  # only load this prefix from the tiers onto the device, run nothing
 
     def __post_init__(self):

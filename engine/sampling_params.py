@@ -51,6 +51,9 @@ class SamplingParams:
     logprobs: int | None = None
     # Park instead of release when the request stops (a tool call): engine/parking/.
     park: ParkParams | None = None
+    # Batch-invariant logprobs (docs/determinism.md): None follows the engine's `deterministic`;
+    # False opts out in a deterministic engine; True needs an engine started with deterministic=True.
+    deterministic: bool | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.n):
@@ -71,6 +74,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens: must be None or an integer >= 1, got {self.max_tokens!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise ValueError(f"logprobs: must be None or an integer >= 0, got {self.logprobs!r}")
+        if self.deterministic is not None and not isinstance(self.deterministic, bool):
+            raise ValueError(f"deterministic: must be None, True or False, got {self.deterministic!r}")
         if self.park is not None and not isinstance(self.park, ParkParams):
             raise ValueError(f"park: must be None or a ParkParams, got {self.park!r}")
         for name in ("ignore_eos", "include_stop_str_in_output"):

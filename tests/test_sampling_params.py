@@ -70,6 +70,7 @@ INVALID = [
     ("ignore_eos", 1), ("ignore_eos", None), ("ignore_eos", "yes"),
     ("include_stop_str_in_output", 0), ("include_stop_str_in_output", None),
     ("park", {"ttl_s": 5}), ("park", True), ("park", "keep"),
+    ("deterministic", 1), ("deterministic", "yes"),
 ]
 
 

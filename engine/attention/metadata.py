@@ -11,7 +11,7 @@ may already be freed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,7 @@ class SeqAttention:
     ctx_len: int  # tokens with KV after this step (cached prefix + new tokens)
     block_table: torch.Tensor  # block ids covering keys [key_start, ctx_len), on the device
     key_start: int = 0  # position of the first key in block_table (block-aligned)
+    invariant: bool = False  # deterministic request: attention/invariant_attention.py serves it
 
 
 @dataclass
@@ -45,6 +46,8 @@ class AttentionMetadata:
     prefill_seqs: list[SeqAttention]  # seqs not covered by `decodes`
     block_size: int
     window: int | None = None  # sliding window of this group's layers, None = full attention
+    invariant_seqs: list[SeqAttention] = field(default_factory=list)  # not in decodes / prefill_seqs
+    invariant_plan: list | None = None  # built by the first layer (attention/invariant_attention.py)
 
 
 @dataclass
@@ -60,10 +63,12 @@ def build_attention_metadata(
     device: torch.device,
     batch_decodes: bool = True,
     window: int | None = None,
+    invariant: list[bool] | None = None,
 ) -> AttentionMetadata:
     """seq_specs: per sequence (num_computed_before, num_new_tokens, block_ids), in batch order.
     block_ids is the sequence's whole table (for a sliding group, entries before the window
-    may be stale or -1: they are never read)."""
+    may be stale or -1: they are never read). `invariant[i]` routes sequence i to the
+    batch-invariant path of deterministic mode."""
     slot_blocks: list[int] = []
     slot_offsets: list[int] = []
     seqs: list[SeqAttention] = []
@@ -81,15 +86,17 @@ def build_attention_metadata(
         if window is not None and min(visible, default=0) < 0:
             raise RuntimeError(f"sliding block table has a freed block inside the window: {visible}")
         table = torch.tensor(visible, dtype=torch.long, device=device)
-        seqs.append(SeqAttention(q_start, num_new, ctx_len, table, first * block_size))
+        flag = bool(invariant[len(seqs)]) if invariant is not None else False
+        seqs.append(SeqAttention(q_start, num_new, ctx_len, table, first * block_size, flag))
         q_start += num_new
 
     decodes = []
-    prefill_seqs = seqs
+    fast = [s for s in seqs if not s.invariant]
+    prefill_seqs = fast
     if batch_decodes:
-        decode_seqs = [s for s in seqs if s.q_len == 1]
+        decode_seqs = [s for s in fast if s.q_len == 1]
         if len(decode_seqs) > 1:
-            prefill_seqs = [s for s in seqs if s.q_len != 1]
+            prefill_seqs = [s for s in fast if s.q_len != 1]
             decodes = [_build_decode_batch(b, block_size, device, window) for b in bucket_by_length(decode_seqs)]
     return AttentionMetadata(
         slot_blocks=torch.tensor(slot_blocks, dtype=torch.long, device=device),
@@ -99,6 +106,7 @@ def build_attention_metadata(
         prefill_seqs=prefill_seqs,
         block_size=block_size,
         window=window,
+        invariant_seqs=[s for s in seqs if s.invariant],
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvtier.engine.attention.invariant_attention import invariant_attention
 from kvtier.engine.attention.metadata import AttentionMetadata, SeqAttention, StepMetadata
 
 
@@ -49,12 +50,16 @@ def _causal_mask(q_len: int, ctx_len: int, device: torch.device, key_start: int 
 
 
 def reference_attention(
-    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q: [T, heads, d] -> [T, heads, d]. K/V for this step must already be written."""
-    out = torch.empty_like(q)
+    """q: [T, heads, d] -> [T, heads, d]. K/V for this step must already be written.
+    Rows of deterministic sequences (`seq.invariant`) are left to the invariant path."""
+    out = torch.empty_like(q) if out is None else out
     heads = q.shape[1]
     for seq in meta.seqs:
+        if seq.invariant:
+            continue
         k, v = gather_kv(kv_layer, seq)
         group = heads // k.shape[1]
         k = k.float().repeat_interleave(group, dim=1)  # [ctx, heads, d]
@@ -76,11 +81,12 @@ def sdpa_attention(
     layer_idx: int,
     meta: AttentionMetadata,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same result as `reference_attention`; k/v are this step's fresh rows."""
     num_layers = kv_pool.shape[1]
     kv_rows = kv_pool.view(kv_pool.shape[0] * num_layers * 2, -1)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     for seq in meta.prefill_seqs:
         rows = slice(seq.q_start, seq.q_start + seq.q_len)
         qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, q, d]
@@ -151,6 +157,9 @@ class PagedAttention(torch.nn.Module):
         self.backend = "sdpa"
         self.kv_pool: torch.Tensor | None = None  # the whole page-first pool, bound by the engine
         self.kv_layer: torch.Tensor | None = None  # this layer's view of it
+        # Deterministic mode (engine/determinism.py): the row-invariant matmul and key chunk.
+        self.invariant = None
+        self.chunk_keys = 0
 
     def bind_cache(self, pool: torch.Tensor, group: int, index_in_group: int, backend: str) -> None:
         """Attach this layer to its group's pool (engine/kv_cache/binding.py)."""
@@ -166,6 +175,12 @@ class PagedAttention(torch.nn.Module):
             raise RuntimeError("KV cache is not bound; call bind_kv_caches() before forward()")
         meta: AttentionMetadata = step.groups[self.group]
         write_kv(self.kv_layer, k, v, meta)
+        out = torch.empty_like(q)
+        if meta.invariant_seqs:
+            if self.invariant is None:
+                raise RuntimeError("deterministic requests need an engine started with deterministic=True")
+            invariant_attention(q, self.kv_pool, self.index_in_group, meta, self.scale, self.invariant, out,
+                                self.chunk_keys)
         if self.backend == "reference":
-            return reference_attention(q, self.kv_layer, meta, self.scale)
-        return sdpa_attention(q, k, v, self.kv_pool, self.index_in_group, meta, self.scale)
+            return reference_attention(q, self.kv_layer, meta, self.scale, out)
+        return sdpa_attention(q, k, v, self.kv_pool, self.index_in_group, meta, self.scale, out)

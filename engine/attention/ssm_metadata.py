@@ -23,6 +23,7 @@ class SsmSeq:
     init_slot: int  # NO_SLOT: zero state
     live_slot: int
     checkpoints: list[tuple[int, int]] = field(default_factory=list)  # (tokens into the chunk, slot), ascending
+    invariant: bool = False  # deterministic request: its prefill runs the decode recurrence token by token
 
 
 @dataclass

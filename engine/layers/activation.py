@@ -4,8 +4,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvtier.engine.layers.batch_invariant import exact_silu
+
 
 class SiluAndMul(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.exact = False  # deterministic mode: a silu that rounds the same at any batch size
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return (exact_silu(gate) if self.exact else F.silu(gate)) * up

@@ -23,7 +23,10 @@ class LMHead(torch.nn.Module):
             self.weight = tied_to.weight
         else:
             self.weight = torch.nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self.invariant = None  # as Linear.invariant
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # Matmul in the model dtype (as HF does), then float32 for sampling.
+        if self.invariant is not None:
+            return self.invariant.linear(hidden, self.weight).float()
         return F.linear(hidden, self.weight).float()

@@ -18,8 +18,12 @@ class Linear(torch.nn.Module):
         self.out_features = out_features
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features))
         self.bias = torch.nn.Parameter(torch.empty(out_features)) if bias else None
+        # Set by deterministic mode (layers/batch_invariant.py): a row-invariant matmul.
+        self.invariant = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.invariant is not None:
+            return self.invariant.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

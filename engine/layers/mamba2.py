@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from kvtier.engine.attention.ssm_metadata import NO_SLOT, SsmMetadata, SsmSeq
 from kvtier.engine.kv_cache.specs import MambaSpec
+from kvtier.engine.layers.batch_invariant import exact_silu, exact_softplus
 from kvtier.engine.layers.linear import Linear
 
 
@@ -80,7 +81,9 @@ def recurrent_step(x, dt, A, B, C, state):
     B, C = _per_head(B, heads), _per_head(C, heads)
     decay = (dt * A).exp()[..., None, None]
     state = state * decay + (dt[..., None] * x)[..., None] * B[:, :, None, :]
-    return torch.einsum("shpn,shn->shp", state, C), state
+    # A plain row-wise sum rather than einsum: einsum's matmul picks its kernel by batch size,
+    # and deterministic mode needs a row's bits independent of the batch.
+    return (state * C[:, :, None, :]).sum(-1), state
 
 
 def recurrent_scan(x, dt, A, B, C, state):
@@ -100,9 +103,10 @@ class GatedRMSNorm(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(size))
         self.n_groups, self.eps = n_groups, eps
+        self.exact = False  # deterministic mode: exact_silu
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h = y.float() * F.silu(z.float())
+        h = y.float() * (exact_silu(z.float()) if self.exact else F.silu(z.float()))
         h = h.unflatten(-1, (self.n_groups, -1))
         h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
         return self.weight * h.to(y.dtype)
@@ -132,6 +136,7 @@ class Mamba2Mixer(torch.nn.Module):
         self.conv_states: torch.Tensor | None = None  # [slots, conv_dim, d_conv - 1], views of the pool
         self.ssm_states: torch.Tensor | None = None  # [slots, heads, head_dim, d_state]
         self.backend = "torch"
+        self.exact = False  # deterministic mode: exact element-wise functions, token recurrence
 
     def kv_spec(self) -> MambaSpec:
         return MambaSpec(conv_shape=(self.conv_dim, self.d_conv - 1),
@@ -149,7 +154,8 @@ class Mamba2Mixer(torch.nn.Module):
         self.ssm_states = mine[:, spec.conv_numel :].unflatten(1, spec.ssm_shape)
 
     def _dt(self, dt_raw: torch.Tensor) -> torch.Tensor:
-        return F.softplus(dt_raw.float() + self.dt_bias.float()).clamp(self.dt_min, self.dt_max)
+        softplus = exact_softplus if self.exact else F.softplus
+        return softplus(dt_raw.float() + self.dt_bias.float()).clamp(self.dt_min, self.dt_max)
 
     def _split(self, xbc: torch.Tensor):
         """Conv'd, activated xBC [n, conv_dim] -> x [n, H, P], B, C [n, G, N] in float32."""
@@ -167,7 +173,8 @@ class Mamba2Mixer(torch.nn.Module):
         y = torch.empty(hidden.shape[0], self.heads, self.head_dim, dtype=torch.float32, device=hidden.device)
         for seq in ssm.prefill_seqs:
             rows = slice(seq.q_start, seq.q_start + seq.q_len)
-            y[rows] = self._prefill(seq, xbc[rows], dt[rows])
+            prefill = self._prefill_tokens if seq.invariant else self._prefill
+            y[rows] = prefill(seq, xbc[rows], dt[rows])
         if ssm.decode_rows.numel():
             y[ssm.decode_rows] = self._decode(ssm, xbc[ssm.decode_rows], dt[ssm.decode_rows])
         out = self.norm(y.flatten(1), z.float())
@@ -204,15 +211,47 @@ class Mamba2Mixer(torch.nn.Module):
 
     def _decode(self, ssm: SsmMetadata, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
         window = torch.cat([self.conv_states[ssm.decode_init_slots], xbc[:, :, None].to(self.conv_states.dtype)], 2)
-        conv = (window.to(self.conv_weight.dtype) * self.conv_weight[:, 0]).sum(-1)
-        if self.conv_bias is not None:
-            conv = conv + self.conv_bias
-        x, B, C = self._split(F.silu(conv))
-        A = -self.A_log.float().exp()
-        y, state = recurrent_step(x, dt, A, B, C, self.ssm_states[ssm.decode_init_slots].float())
+        y, state = self._token(window, dt, self.ssm_states[ssm.decode_init_slots].float())
         self.conv_states[ssm.decode_live_slots] = window[:, :, 1:]
         self.ssm_states[ssm.decode_live_slots] = state.to(self.ssm_states.dtype)
         for live, checkpoint in ssm.decode_checkpoints:
             self.conv_states[checkpoint] = self.conv_states[live]
             self.ssm_states[checkpoint] = self.ssm_states[live]
-        return y + self.D.float()[:, None] * x
+        return y
+
+    def _token(self, window: torch.Tensor, dt: torch.Tensor, state: torch.Tensor):
+        """One token per row: window [S, conv_dim, d_conv] (conv state, then the new input),
+        dt [S, H], state [S, H, P, N] -> (y [S, H, P] with the D term, new float32 state)."""
+        conv = (window.to(self.conv_weight.dtype) * self.conv_weight[:, 0]).sum(-1)
+        if self.conv_bias is not None:
+            conv = conv + self.conv_bias
+        x, B, C = self._split(exact_silu(conv) if self.exact else F.silu(conv))
+        y, state = recurrent_step(x, dt, -self.A_log.float().exp(), B, C, state)
+        return y + self.D.float()[:, None] * x, state
+
+    def _prefill_tokens(self, seq: SsmSeq, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """Deterministic mode: the decode step, token by token, storing the state in the
+        pool's dtype after each token as a decode does. A token's output and every
+        checkpoint are then the same bits however the sequence was split into steps."""
+        n = seq.q_len
+        if seq.init_slot == NO_SLOT:
+            conv = self.conv_states.new_zeros(self.conv_dim, self.d_conv - 1)
+            state = self.ssm_states.new_zeros(self.heads, self.head_dim, self.d_state)
+        else:
+            conv, state = self.conv_states[seq.init_slot].clone(), self.ssm_states[seq.init_slot].clone()
+        marks = [*seq.checkpoints, (n, seq.live_slot)]
+        if any(not 0 <= end <= n for end, _ in marks) or [e for e, _ in marks] != sorted(e for e, _ in marks):
+            raise ValueError(f"checkpoints {seq.checkpoints} are outside the {n}-token chunk or out of order")
+        ys, done = [], 0
+        for t in range(n + 1):
+            while done < len(marks) and marks[done][0] == t:
+                self.conv_states[marks[done][1]] = conv
+                self.ssm_states[marks[done][1]] = state
+                done += 1
+            if t == n:
+                break
+            window = torch.cat([conv, xbc[t, :, None].to(conv.dtype)], 1)
+            y, new_state = self._token(window[None], dt[t : t + 1], state[None].float())
+            conv, state = window[:, 1:], new_state[0].to(state.dtype)
+            ys.append(y[0])
+        return torch.stack(ys)
