@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 
 def emit(result: dict, out: str | None) -> int:
@@ -11,3 +12,14 @@ def emit(result: dict, out: str | None) -> int:
         with open(out, "w") as f:
             f.write(text + "\n")
     return 0
+
+
+def model_dir_or_small(model_dir: str | None, seed: int = 0) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """`model_dir`, else a random-weight `small` llama written to a temporary directory (kept
+    until the returned handle is dropped)."""
+    if model_dir is not None:
+        return model_dir, None
+    from kvtier.engine.make_model import make_model
+
+    tmp = tempfile.TemporaryDirectory(prefix="kvtier-bench-")
+    return make_model(tmp.name, arch="llama", size="small", seed=seed), tmp

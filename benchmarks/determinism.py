@@ -19,11 +19,10 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
-from bench_io import emit
+from bench_io import emit, model_dir_or_small
 
 _CHUNKINGS = (2048, 256, 97)  # max_num_batched_tokens of the needle engines
 
@@ -97,14 +96,9 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
 
-    from kvtier.engine.make_model import make_model
     from kvtier.engine.model_config import load_model_config
 
-    tmp = None
-    model_dir = args.model
-    if model_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="kvtier-bench-")
-        model_dir = make_model(tmp.name, arch="llama", size="small", seed=args.seed)
+    model_dir, _tmp = model_dir_or_small(args.model, args.seed)
     vocab = load_model_config(model_dir).vocab_size
     prompts = make_prompts(args.requests, vocab, random.Random(args.seed), 64, 512)
     result = {

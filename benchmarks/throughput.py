@@ -4,10 +4,11 @@ Both run in this process, one after the other (each after a short untimed warm-u
 same `small` random-weight model and the same 64 requests (prompts 32-1024 tokens, outputs
 16-256 tokens, every output forced to its length with ignore_eos / min_new_tokens).
 transformers gets its best case: requests sorted by prompt length and batched with left
-padding (`--hf-batch-size`); its extra tokens
-past a request's own length are not counted. Prints one JSON object.
+padding, at each of `--hf-batch-size` (default 8, 16, 32 and one batch of all), and the
+fastest is the denominator; its extra tokens past a request's own length are not counted.
+Prints one JSON object.
 
-    python benchmarks/throughput.py [--requests 64] [--hf-batch-size 8] [--out results.json]
+    python benchmarks/throughput.py [--requests 64] [--hf-batch-size 8 16 32 0] [--out results.json]
 """
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 
-from bench_io import emit
+from bench_io import emit, model_dir_or_small
 import torch
 
 
@@ -81,27 +81,28 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model dir (default: make the 'small' llama in a temp dir)")
     ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--hf-batch-size", type=int, default=8)
+    ap.add_argument("--hf-batch-size", type=int, nargs="+", default=[8, 16, 32, 0],
+                    help="transformers batch sizes to try (0: one padded batch of all requests); the fastest "
+                         "is the denominator")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
 
-    from kvtier.engine.make_model import make_model
     from kvtier.engine.model_config import load_model_config
 
-    tmp = None
-    model_dir = args.model
-    if model_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="kvtier-bench-")
-        model_dir = make_model(tmp.name, arch="llama", size="small", seed=args.seed)
+    model_dir, _tmp = model_dir_or_small(args.model, args.seed)
     cfg = load_model_config(model_dir)
     requests = make_requests(args.requests, cfg.vocab_size, args.seed)
     prompt_tokens = sum(len(p) for p, _ in requests)
     output_tokens = sum(m for _, m in requests)
 
     ours_s, ours = run_kvtier(model_dir, requests, args.max_num_batched_tokens)
-    hf_s, hf = run_transformers(model_dir, requests, args.hf_batch_size)
+    tried = {}
+    for size in args.hf_batch_size:
+        tried[size] = run_transformers(model_dir, requests, size if size > 0 else len(requests))
+    best = min(tried, key=lambda size: tried[size][0])
+    hf_s, hf = tried[best]
     same = sum(a == b for a, b in zip(ours, hf))
     first_same = sum(a[:1] == b[:1] for a, b in zip(ours, hf))
     result = {
@@ -116,7 +117,9 @@ def main() -> int:
                    "total_tok_s": round((prompt_tokens + output_tokens) / ours_s, 1)},
         "transformers": {"seconds": round(hf_s, 2), "output_tok_s": round(output_tokens / hf_s, 1),
                          "total_tok_s": round((prompt_tokens + output_tokens) / hf_s, 1),
-                         "batch_size": args.hf_batch_size},
+                         "batch_size": best if best > 0 else "all",
+                         "seconds_by_batch_size": {str(k if k > 0 else "all"): round(v[0], 2)
+                                                   for k, v in tried.items()}},
         "speedup_vs_transformers": round(hf_s / ours_s, 2),
         "identical_outputs": f"{same}/{len(requests)}",
         "identical_first_token": f"{first_same}/{len(requests)}",

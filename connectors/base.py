@@ -39,6 +39,7 @@ from typing import Protocol
 
 import torch
 
+from kvtier.connectors.device_copy import BlockCopy
 from kvtier.connectors.groups import GroupInfo
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.tiers.spec import BlockLayout
@@ -67,6 +68,9 @@ class ConnectorContext:
     prefill_tokens_per_s: Callable[[], float | None] = lambda: None
     # The engine's KV groups; default: one full-attention group of `layout`.
     groups: tuple[GroupInfo, ...] = ()
+    # Whole-block copies between a device pool and pinned staging (connectors/device_copy.py),
+    # given by the engine where a kernel for the pools' device exists; None: plain torch copies.
+    block_copy: BlockCopy | None = None
 
     def __post_init__(self):
         if not self.groups:

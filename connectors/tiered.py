@@ -40,6 +40,7 @@ from kvtier.connectors.base import (
     LoadSpec,
     SaveSpec,
 )
+from kvtier.connectors.device_copy import DeviceBlockMover
 from kvtier.connectors.remote_lookup import LookupBudget, RemoteLookups
 from kvtier.kvstore.faults import FaultLog
 from kvtier.kvstore.hierarchy import TierHierarchy
@@ -107,6 +108,8 @@ class TieredConnector(KVConnector):
         self._loader = cf.ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="kvtier-load")
         self._loads: dict[str, tuple[cf.Future, int]] = {}  # request id -> (load, its blocks)
         self.num_crashed_loads = 0
+        # CUDA pools: saves and loads through one block-copy launch and pinned staging.
+        self._mover = DeviceBlockMover(context.block_copy) if context.block_copy is not None else None
 
     # ---- scheduler side ------------------------------------------------------------
     def lookup(self, request: Request, num_device_tokens: int) -> int | None:
@@ -207,8 +210,11 @@ class TieredConnector(KVConnector):
             self._loads[spec.request_id] = (self._loader.submit(self._load, spec), len(spec.keys))
 
     def _load(self, spec: LoadSpec) -> LoadResult:
-        into = [self.kv_pools[k.group][b] for b, k in zip(spec.block_ids, spec.keys)]
-        ok = self.hierarchy.load(spec.keys, into, spec.sources)
+        if self._mover is not None and self.kv_pools[spec.keys[0].group].is_cuda:
+            ok = self._mover.load(self.hierarchy, self.kv_pools, spec.block_ids, spec.keys, spec.sources)
+        else:
+            into = [self.kv_pools[k.group][b] for b, k in zip(spec.block_ids, spec.keys)]
+            ok = self.hierarchy.load(spec.keys, into, spec.sources)
         n_ok = next((i for i, good in enumerate(ok) if not good), len(ok))
         sources: dict[str, int] = {}
         if not self.context.dense:
@@ -231,6 +237,9 @@ class TieredConnector(KVConnector):
         pool = self.kv_pools[spec.keys[0].group]  # a save spec covers one group
         if pool.device.type == "cpu":
             blocks = [pool[b] for b in spec.block_ids]  # the hierarchy copies what it keeps
+        elif self._mover is not None:
+            self._mover.store(self.hierarchy, pool, spec.block_ids, spec.keys)
+            return
         else:
             index = torch.tensor(spec.block_ids, device=pool.device)
             blocks = list(pool.index_select(0, index).cpu().unbind(0))

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.engine.attention.backends import resolve_backend
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -129,8 +131,7 @@ class EngineConfig:
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError("enable_prefix_caching: must be True or False")
-        if self.attention_backend not in ("auto", "reference", "sdpa"):
-            raise ValueError(f"attention_backend: unknown {self.attention_backend!r}; use auto, sdpa or reference")
+        resolve_backend(self.attention_backend, self.device)  # unknown name, or triton where it cannot run
         mp = self.metrics_port
         if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or not 0 <= mp <= 65535):
             raise ValueError(f"metrics_port: must be a port number in [0, 65535] or None, got {mp!r}")

@@ -44,7 +44,7 @@ _META = {
     "seed": {"help": "random seed"},
     "deterministic": {"help": "batch-invariant kernels: bitwise-identical logprobs whatever the batch, chunking "
                               "or tier (docs/determinism.md)"},
-    "attention_backend": {"help": "attention path", "choices": ("auto", "sdpa", "reference")},
+    "attention_backend": {"help": "attention path", "choices": ("auto", "torch", "sdpa", "triton", "reference")},
     "kv_tiers": {"help": "KV tier below the device pool, fastest first (repeatable): cpu:4GiB, "
                          "lmdb:PATH?size=64GiB, redis://host:port/0?ttl=3600, grpc://host:port",
                  "flag": "--kv-tier", "flag_aliases": ("--kv-tiers",), "repeatable": True},

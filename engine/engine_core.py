@@ -15,6 +15,7 @@ from kvtier.connectors.guard import ConnectorGuard
 from kvtier.connectors.registry import build_connector
 from kvtier.engine.config import EngineConfig
 from kvtier.engine.determinism import cache_salt_for, derived_seed, enable_batch_invariance
+from kvtier.engine.kernels.tier_copy import block_copy_for
 from kvtier.engine.kv_cache.block_hash import model_namespace, root_hash
 from kvtier.engine.kv_cache.setup import build_kv_cache
 from kvtier.engine.kv_events import KVEventHub
@@ -50,7 +51,8 @@ class Engine:
         self.groups, self.kv_pools, self.group_infos, self.kv = cache.groups, cache.pools, cache.infos, cache.coordinator
         fingerprint = weights_fingerprint(config.model)
         self.namespace = model_namespace(fingerprint, str(config.dtype), KV_LAYOUT, config.block_size)
-        self.runner = ModelRunner(self.model, config.block_size, config.device, config.seed, self.groups)
+        self.runner = ModelRunner(self.model, config.block_size, config.device, config.seed, self.groups,
+                                  cache.attention_backend)
         self.prefill_speed = PrefillSpeed()
         self.connector = self._build_connector()
         # Every engine call into the connector goes through the guard (connectors/guard.py).
@@ -89,7 +91,8 @@ class Engine:
         if spec is None:
             return None
         context = ConnectorContext(self.namespace, self.group_infos[0].layout, self.config.block_size,
-                                   self.prefill_speed.tokens_per_s, tuple(self.group_infos))
+                                   self.prefill_speed.tokens_per_s, tuple(self.group_infos),
+                                   block_copy_for(self.config.device))
         connector = build_connector(spec[0], spec[1], context)
         connector.register_kv_caches(self.kv_pools)
         # Load-or-recompute needs the prefill speed from the first request on: measure it now.

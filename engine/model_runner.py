@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier.engine.attention.metadata import StepMetadata, build_attention_metadata
+from kvtier.engine.attention.backends import get_backend
+from kvtier.engine.attention.metadata import StepMetadata
 from kvtier.engine.attention.ssm_metadata import SsmSeq, build_ssm_metadata
 from kvtier.engine.kv_cache.specs import KVGroup
 from kvtier.engine.sampler import Sampler
@@ -23,8 +24,10 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device, seed: int,
-                 groups: list[KVGroup]):
+                 groups: list[KVGroup], attention_backend: str = "sdpa"):
         self.model = model
+        # The layers' backend (bound by build_kv_cache) decides what metadata a step needs.
+        self.attention = get_backend(attention_backend)
         self.groups = groups
         self.block_size = block_size
         self.device = device
@@ -88,6 +91,6 @@ class ModelRunner:
                 specs = [(seq.num_computed, seq.num_new, view[g.index]) for seq, view in zip(out.seqs, views)]
                 window = g.spec.window if g.kind == "sliding" else None
                 invariant = [seq.request.deterministic for seq in out.seqs]
-                groups.append(build_attention_metadata(specs, self.block_size, self.device, window=window,
-                                                       invariant=invariant))
+                groups.append(self.attention.build_metadata(specs, self.block_size, self.device, window=window,
+                                                            invariant=invariant))
         return StepMetadata(groups)

@@ -201,6 +201,8 @@ def test_queue_full_answers_429(server, client):
     ({"model": MODEL, "prompt": list(range(3, 1100))}, "prompt"),  # longer than --max-model-len
     ({"model": MODEL, "messages": "hi"}, "messages"),
     ({"model": MODEL, "prompt": [1, 2, 99999]}, None),  # out of vocabulary: the engine refuses it
+    ({"model": MODEL, "prompt": "x", "deterministic": "yes"}, "deterministic"),
+    ({"model": MODEL, "prompt": "x", "deterministic": True}, None),  # the server runs without --deterministic
 ])
 def test_bad_requests_answer_400(server, body, param):
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"

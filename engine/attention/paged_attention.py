@@ -5,7 +5,8 @@ Pool layout (docs/architecture.md §3): one pool per KV group,
 `kv[:, index_in_group]` of shape `[num_blocks, 2, block_size, kv_heads, head_dim]`. A layer
 with a sliding window masks keys that left it (a query at p sees keys in (p - window, p]).
 
-Two implementations share one interface:
+Two torch implementations live here (the `triton` one in kvtier.engine.kernels); the
+backends of attention/backends/ pick one per engine and build its per-step metadata:
 - `reference_attention`: per sequence, gather by block table, explicit causal mask with
   offset, float32 softmax. Slow and obviously correct; the oracle for every faster path.
 - `sdpa_attention`: torch's scaled_dot_product_attention; prompts that start at position 0
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvtier.engine.attention.backends import get_backend
 from kvtier.engine.attention.invariant_attention import invariant_attention
 from kvtier.engine.attention.metadata import AttentionMetadata, SeqAttention, StepMetadata
 
@@ -154,7 +156,8 @@ class PagedAttention(torch.nn.Module):
         self.head_dim = head_dim
         self.layer_idx = layer_idx
         self.scale = scale
-        self.backend = "sdpa"
+        self.backend = "sdpa"  # a backend name (attention/backends/), set by bind_cache
+        self.impl = get_backend(self.backend)
         self.kv_pool: torch.Tensor | None = None  # the whole page-first pool, bound by the engine
         self.kv_layer: torch.Tensor | None = None  # this layer's view of it
         # Deterministic mode (engine/determinism.py): the row-invariant matmul and key chunk.
@@ -168,19 +171,19 @@ class PagedAttention(torch.nn.Module):
         self.group = group
         self.index_in_group = index_in_group
         self.backend = backend
+        self.impl = get_backend(backend)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepMetadata) -> torch.Tensor:
         """q: [T, heads, d]; k, v: [T, kv_heads, d] -> [T, heads, d]."""
         if self.kv_layer is None:
             raise RuntimeError("KV cache is not bound; call bind_kv_caches() before forward()")
-        meta: AttentionMetadata = step.groups[self.group]
-        write_kv(self.kv_layer, k, v, meta)
+        meta = step.groups[self.group]  # built by this backend's metadata builder
+        self.impl.write_kv(self.kv_layer, k, v, meta)
         out = torch.empty_like(q)
-        if meta.invariant_seqs:
+        self.impl.attend(self, q, k, v, meta, out)
+        if meta.invariant_seqs:  # deterministic rows: the invariant path, after (it may overwrite)
             if self.invariant is None:
                 raise RuntimeError("deterministic requests need an engine started with deterministic=True")
             invariant_attention(q, self.kv_pool, self.index_in_group, meta, self.scale, self.invariant, out,
                                 self.chunk_keys)
-        if self.backend == "reference":
-            return reference_attention(q, self.kv_layer, meta, self.scale, out)
-        return sdpa_attention(q, k, v, self.kv_pool, self.index_in_group, meta, self.scale, out)
+        return out

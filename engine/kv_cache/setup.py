@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtier.connectors.groups import GroupInfo
+from kvtier.engine.attention.backends import resolve_backend
 from kvtier.engine.kv_cache.binding import bind_kv_caches, model_groups
 from kvtier.engine.kv_cache.budget import default_checkpoint_interval, split_kv_budget
 from kvtier.engine.kv_cache.coordinator import KVCacheCoordinator
@@ -19,6 +20,7 @@ class KVCache:
     pools: list[torch.Tensor]  # one page-first pool per group (docs/architecture.md §3)
     infos: list[GroupInfo]  # what connectors learn about each group
     coordinator: KVCacheCoordinator
+    attention_backend: str = "sdpa"  # resolved name (attention/backends/): what the runner builds metadata for
 
 
 def build_kv_cache(model: torch.nn.Module, config, max_model_len: int) -> KVCache:
@@ -30,7 +32,7 @@ def build_kv_cache(model: torch.nn.Module, config, max_model_len: int) -> KVCach
                                  max_model_len, config.max_num_batched_tokens, config.kv_group_memory_fractions)
     pools = [torch.zeros((n, *g.block_shape(bs)), dtype=config.dtype, device=config.device)
              for g, n in zip(groups, num_blocks)]
-    backend = "sdpa" if config.attention_backend == "auto" else config.attention_backend
+    backend = resolve_backend(config.attention_backend, config.device)
     bind_kv_caches(model, groups, pools, backend)
     infos = [GroupInfo(g.kind, BlockLayout(g.block_shape(bs), config.dtype, config.device),
                        g.spec.window if g.kind == "sliding" else None) for g in groups]
@@ -41,4 +43,4 @@ def build_kv_cache(model: torch.nn.Module, config, max_model_len: int) -> KVCach
                                      config.max_num_batched_tokens, interval,
                                      track_transfers=config.connector_spec() is not None,
                                      ssm_branch_points=every_checkpoint)
-    return KVCache(groups, pools, infos, coordinator)
+    return KVCache(groups, pools, infos, coordinator, backend)

@@ -14,4 +14,6 @@ class SiluAndMul(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
-        return (exact_silu(gate) if self.exact else F.silu(gate)) * up
+        if self.exact:
+            return exact_silu(gate).mul_(up)
+        return F.silu(gate) * up

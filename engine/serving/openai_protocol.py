@@ -118,6 +118,7 @@ def parse_generation(body: dict, chat: bool) -> GenerationRequest:
             stop=stop,
             ignore_eos=_flag(body, "ignore_eos"),
             logprobs=logprobs,
+            deterministic=body.get("deterministic"),  # docs/determinism.md; extra_body on OpenAI clients
         )
     except ValueError as e:  # SamplingParams names the field first: "top_p: must be ..."
         raise ApiError(str(e), param=str(e).split(":")[0]) from None
