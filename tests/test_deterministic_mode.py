@@ -65,6 +65,16 @@ def test_needle_is_bitwise_equal_in_any_batch_order_and_chunking(case, params):
     assert all(r == alone for r in batched), [r == alone for r in batched]
 
 
+@pytest.mark.parametrize("variant", ["mamba2", "qwen3"])
+def test_needle_is_bitwise_equal_for_the_other_families(variant, tmp_path):
+    """An SSM-only model and Qwen3 (per-head q/k norms): the batched drill, greedy."""
+    path = make_variant(tmp_path, variant)
+    vocab = load_model_config(path).vocab_size
+    needle = [random.Random(5).randrange(3, vocab) for _ in range(NEEDLE_LEN)]
+    alone, batched = _batched_results(dict(path=path, vocab=vocab, needle=needle), True, GREEDY)
+    assert all(r == alone for r in batched)
+
+
 def test_mode_off_is_not_batch_invariant_on_this_machine():
     """The negative control: the stock kernels change the needle's bits with the batch.
     If this ever passes with equal bits, the CPU kernels became invariant on their own and
