@@ -96,6 +96,8 @@ class InvariantMatmul:
         if plan is None:
             probe_b = torch.randn(max(_PROBE_BATCHES), *b.shape[-2:], generator=torch.Generator().manual_seed(1)).to(b)
             # The probed tile always sits in the last batch entry, so it always meets probe_b[-1].
+            # (probe_b is contiguous where a real b may be a strided view: the tests check the
+            # strided uses end to end.)
             plan = self._probe(key, a.dtype, a.device, batched=True,
                                probe_op=lambda x: torch.matmul(x, probe_b[probe_b.shape[0] - x.shape[0]:]))
         if plan.kind == "padded":
@@ -113,7 +115,7 @@ class InvariantMatmul:
 
     @staticmethod
     def _tiled(plan: _Plan, x: torch.Tensor, b: torch.Tensor, op) -> torch.Tensor:
-        """Every call has the same shape: one batch entry, `step` rows padded to `width`."""
+        """Every call has the same shape: one batch entry and `step` rows (the last part padded)."""
         step = ROW_TILE if plan.kind == "tiles" else 1
         m = x.shape[-2]
         outs = []
