@@ -4,14 +4,12 @@ equal `torch`'s, over GQA, sliding windows, chunked prefill over a cached prefix
 prefill + decode steps and block sizes 16 / 32. Without a GPU the triton kernels run through
 triton's interpreter (TRITON_INTERPRET=1, set before triton is first imported, as in
 tests/test_kernel_*.py); interpreted runs are slow, so the models and outputs are tiny."""
-import os
 import random
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_setup import DEVICE  # noqa: E402,F401  (first: sets TRITON_INTERPRET before triton loads)
 
 from hf_checkpoints import make_variant  # noqa: E402
 
@@ -22,9 +20,7 @@ from kvtier.engine.config import EngineConfig  # noqa: E402
 from kvtier.engine.config_sources import _META  # noqa: E402
 from kvtier.engine.kernels import triton_available  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
-needs_triton = pytest.mark.skipif(not triton_available(DEVICE), reason="triton is not installed")
 
 
 # ---- the registry ----------------------------------------------------------------------
@@ -53,7 +49,6 @@ def test_config_and_cli_accept_every_name():
         EngineConfig(model="unused", device="cpu", attention_backend="flash")
 
 
-@needs_triton
 @pytest.mark.parametrize("window", [None, 20])
 def test_triton_metadata_matches_the_per_sequence_one(window):
     """The flat builder packs exactly what the per-sequence metadata says: tables (from the
@@ -160,8 +155,6 @@ def test_deterministic_requests_take_the_invariant_path(models):
     """Deterministic mode with the triton backend: the deterministic request's bits are the
     invariant path's, the same as under the torch backend, while an opted-out request beside
     it goes through the backend and still matches greedy."""
-    if not triton_available(DEVICE):
-        pytest.skip("triton is not installed")
     path = models("llama")
     prompts = [{"prompt_token_ids": p} for p in _prompts([30, 11])]
     params = [SamplingParams(temperature=0, max_tokens=4, logprobs=1, ignore_eos=True),

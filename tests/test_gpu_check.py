@@ -2,7 +2,6 @@
 a clear message and a non-zero exit, and every part's code runs on tiny CPU shapes (the
 kernels through triton's interpreter, the engine on the CPU), so the script's first GPU run
 fails only on what needs the GPU."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton_setup  # noqa: E402,F401  (first: sets TRITON_INTERPRET before triton loads)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
@@ -43,7 +41,6 @@ def test_without_cuda_it_says_so_and_fails():
 
 
 def test_kernel_parts_on_tiny_cpu_shapes(parts):
-    pytest.importorskip("triton")
     dec = parts.decode_attention(True, device="cpu", dtype=torch.float32, batch=2, ctx=40, heads=4, kv_heads=2,
                                  head_dim=16)
     assert dec["ok"] and dec["triton_us"] > 0 and dec["max_abs_err"] < 1e-4
@@ -55,7 +52,6 @@ def test_kernel_parts_on_tiny_cpu_shapes(parts):
 
 @pytest.mark.slow
 def test_engine_parts_on_a_tiny_cpu_model(parts, tmp_path):
-    pytest.importorskip("transformers")
     path = str(tmp_path / "tiny")
     assert parts.write_model(path, TINY, torch.float32)["params_m"] < 5
     eq = parts.hf_equality(path, tol=1e-3, quick=True, device="cpu", dtype=torch.float32, max_tokens=4, kv_bytes=KV)

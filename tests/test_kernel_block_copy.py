@@ -1,13 +1,10 @@
 """Block gather / scatter kernels against index_select / index_copy_: bit-exact for every pool
 dtype, in any id order, leaving other blocks untouched. Interpreted without a GPU."""
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from triton_setup import DEVICE  # noqa: E402,F401  (first: sets TRITON_INTERPRET before triton loads)
 
 from kvtier.engine.kernels.block_copy_triton import (  # noqa: E402
     gather_blocks,
@@ -16,7 +13,6 @@ from kvtier.engine.kernels.block_copy_triton import (  # noqa: E402
     scatter_blocks_ref,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = (9, 3, 2, 16, 2, 8)  # [num_blocks, layers, 2, block_size, kv_heads, head_dim]
 
 

@@ -1,14 +1,11 @@
 """fp8 block quantize / dequantize kernels: bit-exact with the fp8 codec (kvstore/format/fp8.py)
 and with the batched torch reference, including round-to-nearest-even ties, carries into the
 next power of two, subnormals, zero heads and negative zero. Interpreted without a GPU."""
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from triton_setup import DEVICE  # noqa: E402,F401  (first: sets TRITON_INTERPRET before triton loads)
 
 from kvtier.engine.kernels import interpreter_enabled  # noqa: E402
 from kvtier.engine.kernels.fp8_triton import (  # noqa: E402
@@ -19,7 +16,6 @@ from kvtier.engine.kernels.fp8_triton import (  # noqa: E402
 )
 from kvtier.kvstore.format.fp8 import Fp8Codec  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = (6, 2, 2, 16, 4, 32)  # [num_blocks, layers, 2, block_size, kv_heads, head_dim]
 
 

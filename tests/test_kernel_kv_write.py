@@ -1,14 +1,11 @@
 """The triton KV-write kernel against the engine's write_kv and the slot-mapping reference:
 rows land in their (block, offset) slots of one layer's strided view, -1 slots are skipped,
 nothing else in the pool changes. Interpreted (TRITON_INTERPRET=1) without a GPU."""
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from triton_setup import DEVICE  # noqa: E402,F401  (first: sets TRITON_INTERPRET before triton loads)
 
 from kvtier.engine.attention.metadata import build_attention_metadata  # noqa: E402
 from kvtier.engine.attention.paged_attention import write_kv  # noqa: E402
@@ -16,7 +13,6 @@ from kvtier.engine.kernels import interpreter_enabled  # noqa: E402
 from kvtier.engine.kernels.attention_inputs import slot_mapping  # noqa: E402
 from kvtier.engine.kernels.kv_write_triton import write_kv_ref, write_kv_slots  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def pool_of(blocks=6, layers=3, page=16, kv_heads=2, head_dim=16, dtype=torch.float32):

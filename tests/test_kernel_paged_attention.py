@@ -2,15 +2,12 @@
 pool and block tables: one token, block boundaries, window edges, empty prefix, GQA ratios,
 block sizes 16/32/64, mixed prefill + decode steps, split-KV. Without a GPU the kernel runs
 through triton's interpreter (TRITON_INTERPRET=1, set before triton is imported)."""
-import os
 import random
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from triton_setup import DEVICE  # noqa: E402,F401  (first: sets TRITON_INTERPRET before triton loads)
 
 from kvtier.engine.attention.metadata import build_attention_metadata  # noqa: E402
 from kvtier.engine.attention.paged_attention import reference_attention, write_kv  # noqa: E402
@@ -21,7 +18,6 @@ from kvtier.engine.kernels.paged_attention_triton import (  # noqa: E402
     paged_attention_ref,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HD = 16
 
 

@@ -4,15 +4,12 @@ loaded, KV groups of different layouts each get their own staging. Without a GPU
 gather / scatter run interpreted on CPU pools; the `gpu` cases run them on CUDA pools with
 pinned staging, and through the engine."""
 import hashlib
-import os
 import random
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from triton_setup import DEVICE  # noqa: E402,F401  (first: sets TRITON_INTERPRET before triton loads)
 
 from kvtier.connectors.device_copy import DeviceBlockMover  # noqa: E402
 from kvtier.engine.kernels.tier_copy import TritonBlockCopy, block_copy_for  # noqa: E402
@@ -21,7 +18,6 @@ from kvtier.kvstore.keys import BlockKey  # noqa: E402
 from kvtier.kvstore.tiers.cpu_tier import CpuTier  # noqa: E402
 from kvtier.kvstore.tiers.spec import BlockLayout  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(2, 2, 16, 2, 8), (1, 2, 16, 1, 12)]  # two KV groups with different block layouts
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import logging
 import os
 
 import torch
@@ -32,7 +33,10 @@ def _triton_imports() -> bool:
         return False
     try:
         importlib.import_module("triton.language")  # what the kernel modules import
-    except Exception:  # a broken install (e.g. a wheel for another platform) is "not usable"
+    except Exception as e:  # a broken install (e.g. a wheel for another platform) is "not usable"
+        # Logged once: the answer is cached, and a silent fallback would hide the reason.
+        logging.getLogger(__name__).warning("triton is installed but cannot be imported (%s: %s); "
+                                            "the triton kernels are disabled", type(e).__name__, e)
         return False
     return True
 
