@@ -75,16 +75,10 @@ def build_attention_metadata(
     q_start = 0
     for num_computed, num_new, block_ids in seq_specs:
         ctx_len = num_computed + num_new
-        needed = -(-ctx_len // block_size)
-        if needed > len(block_ids):
-            raise RuntimeError(f"block table holds {len(block_ids)} blocks but {needed} are needed")
-        first = 0 if window is None else max(0, num_computed - window + 1) // block_size
+        first, visible = visible_blocks(num_computed, num_new, block_ids, block_size, window)
         for pos in range(num_computed, ctx_len):
             slot_blocks.append(block_ids[pos // block_size])
             slot_offsets.append(pos % block_size)
-        visible = block_ids[first:needed]
-        if window is not None and min(visible, default=0) < 0:
-            raise RuntimeError(f"sliding block table has a freed block inside the window: {visible}")
         table = torch.tensor(visible, dtype=torch.long, device=device)
         flag = bool(invariant[len(seqs)]) if invariant is not None else False
         seqs.append(SeqAttention(q_start, num_new, ctx_len, table, first * block_size, flag))
@@ -108,6 +102,20 @@ def build_attention_metadata(
         window=window,
         invariant_seqs=[s for s in seqs if s.invariant],
     )
+
+
+def visible_blocks(num_computed: int, num_new: int, block_ids: list[int], block_size: int,
+                   window: int | None) -> tuple[int, list[int]]:
+    """(index of the first block the step's earliest query sees, the blocks from there to the
+    context's end). RuntimeError for a table too short, or a freed block inside the window."""
+    needed = -(-(num_computed + num_new) // block_size)
+    if needed > len(block_ids):
+        raise RuntimeError(f"block table holds {len(block_ids)} blocks but {needed} are needed")
+    first = 0 if window is None else max(0, num_computed - window + 1) // block_size
+    visible = block_ids[first:needed]
+    if window is not None and min(visible, default=0) < 0:
+        raise RuntimeError(f"sliding block table has a freed block inside the window: {visible}")
+    return first, visible
 
 
 def bucket_by_length(seqs: list[SeqAttention]) -> list[list[SeqAttention]]:

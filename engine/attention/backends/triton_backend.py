@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvtier.engine.attention.backends.base import AttentionBackend
-from kvtier.engine.attention.metadata import SeqAttention
+from kvtier.engine.attention.metadata import SeqAttention, visible_blocks
 from kvtier.engine.kernels.attention_inputs import PagedAttentionInputs
 from kvtier.engine.kernels.kv_write_triton import write_kv_slots
 from kvtier.engine.kernels.paged_attention_triton import paged_attention
@@ -43,13 +43,7 @@ def build_triton_metadata(seq_specs: list[tuple[int, int, list[int]]], block_siz
     max_q = max_ctx = 0
     for i, (num_computed, num_new, block_ids) in enumerate(seq_specs):
         ctx_len = num_computed + num_new
-        needed = -(-ctx_len // block_size)
-        if needed > len(block_ids):
-            raise RuntimeError(f"block table holds {len(block_ids)} blocks but {needed} are needed")
-        first = 0 if window is None else max(0, num_computed - window + 1) // block_size
-        visible = block_ids[first:needed]
-        if window is not None and min(visible, default=0) < 0:
-            raise RuntimeError(f"sliding block table has a freed block inside the window: {visible}")
+        first, visible = visible_blocks(num_computed, num_new, block_ids, block_size, window)
         slots.extend(block_ids[p // block_size] * block_size + p % block_size for p in range(num_computed, ctx_len))
         if invariant is not None and invariant[i]:
             table = torch.tensor(visible, dtype=torch.long, device=device)
