@@ -8,7 +8,7 @@ turns, pauses and tokens; "discard, no tier" is what an engine without parking o
 does. Prints JSON (throughput, turns/s, TTFT p50/p99, recomputed tokens per policy and mix)
 and draws a PNG when matplotlib is installed (`pip install -e '.[bench]'`).
 
-    python benchmarks/agentic.py [--agents 12] [--turns 10] [--mixes fast,slow,mixed] [--repeats 3] [--png agentic.png]
+    python benchmarks/agentic.py [--agents N] [--turns 10] [--mixes fast,slow,mixed] [--repeats 3] [--png agentic.png]
 
 Each repeat runs every policy once, in an order rotated per repeat, so a slow spell on a
 shared machine lands on different policies; each figure is the median over repeats.
@@ -32,17 +32,21 @@ MIXES = {
     "mixed": {"grep": (0.0, (0.01, 0.15), (0, 0)), "test": (0.3, (0.1, 0.4), (1.5, 4.0)),
               "human": (0.5, (0.2, 0.6), (3.0, 6.0))},
 }
+# Agents per mix: slower tools need more agents to offer the engine the same load (Little's
+# law: agents = turn rate x (mean pause + time in the engine)); at 12 agents the slow mix
+# leaves the engine idle most of the time and every policy waits on the tools alike.
+MIX_AGENTS = {"fast": 12, "slow": 24, "mixed": 18}
 POLICY_RUNS = [("discard, no tier", "discard", False), ("discard", "discard", True), ("keep", "keep", True),
                ("offload", "offload", True), ("auto", "auto", True)]
 
 
-def _plan(args, vocab: int, mix: str, seed: int) -> list[list[tuple]]:
+def _plan(args, agents: int, vocab: int, mix: str, seed: int) -> list[list[tuple]]:
     """Per agent, per turn: (tokens sent, tool name, pause after the answer). Same for every policy."""
     rng = random.Random(seed)
     system = [rng.randrange(3, vocab) for _ in range(args.system_tokens)]
     tools = MIXES[mix]
     plans = []
-    for _ in range(args.agents):
+    for _ in range(agents):
         turns = [(system + [rng.randrange(3, vocab) for _ in range(args.first_tokens)], None, 0.0)]
         for _ in range(args.turns - 1):
             tool = rng.choice(sorted(tools))
@@ -57,7 +61,7 @@ def _plan(args, vocab: int, mix: str, seed: int) -> list[list[tuple]]:
 def run_policy(model: str, args, plans, policy: str, tier: bool) -> dict:
     from kvtier import LLM, ParkParams, SamplingParams
 
-    kwargs = dict(park_policy=policy, kv_cache_memory_bytes=args.device_kv, max_num_seqs=args.agents)
+    kwargs = dict(park_policy=policy, kv_cache_memory_bytes=args.device_kv, max_num_seqs=len(plans))
     if tier:
         kwargs["kv_tiers"] = ["cpu:4GiB"]
     with LLM(model, **kwargs) as llm:
@@ -143,9 +147,11 @@ def _plot(result: dict, path: str) -> str | None:
     for ax, title in zip(axes, ("turns / s (higher is better)", "TTFT p50, ms (lower is better)")):
         ax.set_xticks([m + 0.4 - width / 2 for m in range(len(mixes))], mixes)
         ax.set_title(title)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"kvtier parking: {result['agents']} agents, {result['turns']} turns each")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=8)
+    agents = ", ".join(f"{m} {n}" for m, n in result["agents"].items())
+    fig.suptitle(f"kvtier parking: agents per mix {agents}; {result['turns']} turns each")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     return path
 
@@ -153,7 +159,8 @@ def _plot(result: dict, path: str) -> str | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model dir (default: the 'small' llama, made in a temp dir)")
-    ap.add_argument("--agents", type=int, default=12)
+    ap.add_argument("--agents", type=int, default=None,
+                    help=f"agents in every mix (default per mix: {MIX_AGENTS})")
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--system-tokens", type=int, default=512)
     ap.add_argument("--first-tokens", type=int, default=256)
@@ -167,17 +174,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    if args.agents is not None and args.agents < 1:
+        ap.error("--agents must be at least 1")
     from kvtier.engine.make_model import make_model
     from kvtier.engine.model_config import load_model_config
 
     with tempfile.TemporaryDirectory(prefix="kvtier-agentic-") as tmp:
         model = args.model or make_model(os.path.join(tmp, "model"), arch="llama", size="small", seed=0)
         vocab = load_model_config(model).vocab_size
-        result = {"agents": args.agents, "turns": args.turns, "repeats": args.repeats, "device_kv_bytes": args.device_kv, "mixes": {}}
+        result = {"agents": {m: args.agents or MIX_AGENTS[m] for m in args.mixes.split(",") if m in MIXES},
+                  "turns": args.turns, "repeats": args.repeats, "device_kv_bytes": args.device_kv, "mixes": {}}
         for m, mix in enumerate(args.mixes.split(",")):
             if mix not in MIXES:
                 raise SystemExit(f"--mixes: unknown {mix!r}; choose from {', '.join(MIXES)}")
-            plans = _plan(args, vocab, mix, seed=m)
+            plans = _plan(args, result["agents"][mix], vocab, mix, seed=m)
             rows = _repeated(model, args, plans)
             best = max(rows[n]["turns_per_s"] for n in ("keep", "offload", "discard"))
             rows["auto_over_discard_no_tier"] = round(rows["auto"]["turns_per_s"] / rows["discard, no tier"]["turns_per_s"], 3)
