@@ -43,7 +43,7 @@ def run_offline(model: str, args, system, turns, tiers: list[str] | None) -> dic
     histories = [list(system) for _ in range(args.users)]
     tokens, answers = 0, []
     with LLM(model, kv_tiers=tiers) as llm:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for turn in turns:
             for h, msg in zip(histories, turn):
                 h.extend(msg)
@@ -52,8 +52,10 @@ def run_offline(model: str, args, system, turns, tiers: list[str] | None) -> dic
             for h, out in zip(histories, outs):
                 h.extend(out.outputs[0].token_ids)
                 tokens += len(out.prompt_token_ids) + len(out.outputs[0].token_ids)
-        seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1), "answers": answers}
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        steps, step_s = llm.engine.num_steps, llm.engine.step_seconds
+    return {"seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1), "engine_steps": steps,
+            "step_seconds": round(step_s, 2), "cpu_seconds": round(cpu, 2), "answers": answers}
 
 
 def _start_server(model: str, tiers: list[str] | None, users: int) -> tuple[subprocess.Popen, str]:
@@ -99,7 +101,7 @@ def run_server(model: str, args, system, turns, answers, tiers: list[str] | None
                 cached += usage.prompt_tokens_details.cached_tokens
                 mismatches += text != expected[u][1]
 
-        start = time.perf_counter()
+        start, client_cpu, server_cpu = time.perf_counter(), time.process_time(), _cpu_seconds(proc.pid)
         for turn, expected in zip(turns, answers):
             for h, msg in zip(histories, turn):
                 h.extend(msg)
@@ -111,14 +113,34 @@ def run_server(model: str, args, system, turns, answers, tiers: list[str] | None
             for h, (ids, _) in zip(histories, expected):
                 h.extend(ids)
         seconds = time.perf_counter() - start
+        client_cpu, server_cpu = time.process_time() - client_cpu, _cpu_seconds(proc.pid) - server_cpu
+        steps, step_s = _engine_counters(url)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     ms = lambda xs, q: round(1e3 * sorted(xs)[min(len(xs) - 1, int(q * len(xs)))], 1)  # noqa: E731
-    return {"seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1), "cached_tokens": cached,
+    return {"seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1), "engine_steps": steps,
+            "step_seconds": round(step_s, 2), "cpu_seconds": round(server_cpu, 2),
+            "client_cpu_seconds": round(client_cpu, 2), "cached_tokens": cached,
             "ttft_ms_p50": ms(ttft, 0.5), "ttft_ms_p99": ms(ttft, 0.99),
             "itl_ms_p50": ms(itl, 0.5) if itl else None, "itl_ms_p99": ms(itl, 0.99) if itl else None,
             "answers_differing_from_offline": mismatches}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _engine_counters(url: str) -> tuple[int, float]:
+    """Forward passes and their seconds, from the server's /metrics (the start-up probe is
+    not counted by the engine, so both sides count the workload alone)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+    found = dict(re.findall(r"^kvtier_(engine_steps_total|engine_step_seconds_total) (\S+)$", text, re.M))
+    return int(float(found["engine_steps_total"])), float(found["engine_step_seconds_total"])
 
 
 def _median(runs: list[dict]) -> dict:
@@ -139,10 +161,16 @@ def main(argv=None) -> int:
     ap.add_argument("--system-tokens", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="runs per side; figures are medians")
+    ap.add_argument("--configs", default="no_tier,cpu_tier", help="which of no_tier,cpu_tier to run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    known = {"no_tier": None, "cpu_tier": ["cpu:1GiB"]}
+    names = [c for c in args.configs.split(",") if c]
+    if not names or any(c not in known for c in names):
+        ap.error(f"--configs: choose from {', '.join(known)}")
+    configs = [(c, known[c]) for c in names]
     from kvtier.engine.make_model import make_model
     from kvtier.engine.model_config import load_model_config
 
@@ -150,7 +178,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="kvtier-serve-load-") as tmp:
         model = args.model or make_model(os.path.join(tmp, "model"), arch="llama", size="small", seed=0)
         system, turns = _workload(args, load_model_config(model).vocab_size)
-        for name, tiers in (("no_tier", None), ("cpu_tier", ["cpu:1GiB"])):
+        for name, tiers in configs:
             offline, served = [], []
             answers = None
             for r in range(args.repeats):

@@ -54,6 +54,10 @@ class Engine:
         self.runner = ModelRunner(self.model, config.block_size, config.device, config.seed, self.groups,
                                   cache.attention_backend)
         self.prefill_speed = PrefillSpeed()
+        # Forward passes run and the seconds they took: a server's steps against an offline
+        # run's tell whether it runs more steps or slower ones (benchmarks/serve_load.py).
+        self.num_steps = 0
+        self.step_seconds = 0.0
         self.connector = self._build_connector()
         # Every engine call into the connector goes through the guard (connectors/guard.py).
         self.connector_guard = None if self.connector is None else ConnectorGuard(
@@ -230,7 +234,10 @@ class Engine:
             if sched_out.seqs:
                 start = time.perf_counter()
                 result = self.runner.execute(sched_out)
-                self.prefill_speed.observe(sched_out.num_tokens, time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                self.prefill_speed.observe(sched_out.num_tokens, seconds)
+                self.num_steps += 1
+                self.step_seconds += seconds
                 for meta in metas:
                     connector.save(meta)
                 done += self._apply(sched_out, result)

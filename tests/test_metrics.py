@@ -56,12 +56,15 @@ def test_two_turns_with_a_cpu_tier(model_dir):
     size = block_bytes(model_dir)
     with LLM(model_dir, kv_tiers=["cpu:64MiB"], kv_cache_memory_bytes=BLOCKS * size) as llm:
         outs = llm.generate(first, PARAMS, use_tqdm=False)
+        # one request alone: one prefill step, then one decode step per further token
+        assert get(parse(llm.metrics_text()), "kvtier_engine_steps_total") == PARAMS.max_tokens
         outs += llm.generate(other, PARAMS, use_tqdm=False)  # evicts the first prompt's blocks
         outs += llm.generate(first, PARAMS, use_tqdm=False)  # its prefix comes back from the cpu tier
         assert outs[-1].kv_sources.get("cpu", 0) > 0
         stats = llm.kv_stats()
         m = parse(llm.metrics_text())
 
+    assert get(m, "kvtier_engine_step_seconds_total") > 0
     cpu = stats["cpu"]
     assert get(m, "kvtier_tier_hits_total", tier="cpu") == cpu["hits"] > 0
     assert get(m, "kvtier_tier_read_bytes_total", tier="cpu") == cpu["bytes_read"] > 0

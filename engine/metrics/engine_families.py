@@ -37,6 +37,8 @@ def engine_families(engine, kv_stats: dict, prefix: str = "kvtier_") -> Iterator
     device = kv_stats.get("device", {})
     yield _gauge(prefix + "engine_requests", "requests the engine holds (waiting, loading or running)",
                  len(engine.requests))
+    yield _counter(prefix + "engine_steps", "forward passes the engine ran", engine.num_steps)
+    yield _counter(prefix + "engine_step_seconds", "seconds spent in forward passes", engine.step_seconds)
     yield _gauge(prefix + "running_requests", "requests being computed (prefill or decode)", len(scheduler.running))
     yield _gauge(prefix + "waiting_requests", "requests queued for admission", len(scheduler.waiting))
     yield _gauge(prefix + "loading_requests", "requests waiting for their prefix to load from a tier",
