@@ -1,8 +1,15 @@
-"""What every benchmark does with its result: print it as JSON, and keep a copy if asked."""
+"""What every benchmark does with its result: print it as JSON, and keep a copy if asked.
+
+Benchmarks import this module before torch: importing kvtier first gives their engines the
+OpenMP spin default that kvtier's own processes get (kvtier/__init__.py).
+"""
 from __future__ import annotations
 
+import importlib
 import json
 import tempfile
+
+importlib.import_module("kvtier")  # for its side effect, before any benchmark imports torch
 
 
 def emit(result: dict, out: str | None) -> int:

@@ -21,8 +21,8 @@ import statistics
 import sys
 import time
 
-import torch
 from bench_io import emit, model_dir_or_small
+import torch
 
 _CHUNKINGS = (2048, 256, 97)  # max_num_batched_tokens of the needle engines
 

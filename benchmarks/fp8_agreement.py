@@ -15,9 +15,8 @@ import random
 import sys
 import tempfile
 
-import torch
-
 from bench_io import emit
+import torch
 from kvtier import LLM, SamplingParams
 from kvtier.engine.make_model import make_model
 from kvtier.engine.model_config import load_model_config
