@@ -266,3 +266,69 @@ def test_bad_transfer_options_fail_fast(spec, message):
 
     with pytest.raises(ValueError, match=message):
         build_tier(spec, BlockLayout(SMALL[0], SMALL[1], torch.device("cpu")))
+
+
+class _CountingStream:
+    """A socket whose whole reply has arrived: each read returns as much as asked; counts reads."""
+
+    def __init__(self, data: bytes):
+        self.data, self.at, self.reads = data, 0, 0
+
+    def recv_into(self, view, n=0):
+        n = min(n or len(view), len(self.data) - self.at)
+        view[:n] = self.data[self.at:self.at + n]
+        self.at += n
+        self.reads += 1
+        return n
+
+
+def test_a_value_costs_two_socket_reads_not_three():
+    """A payload received straight into its block leaves the reader's buffer empty; the read
+    that brings its trailing CRLF also brings the next length line and value header, so each
+    value costs its payload read plus one small read (not a separate 2-byte one)."""
+    from kvtier.kvstore.format.codec import key_digest
+    from kvtier.kvstore.tiers.redis_resp import RespReader, read_mget_into
+
+    shape, dtype = (2, 2, 16, 2, 8), torch.float32  # 4 KiB: far more than one small read
+    values = blocks(6, shape, dtype)
+    keys = [key(i) for i in range(6)]
+    reply = b"*6\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(v), v) for v in
+                                 (encode_block(k, b) for k, b in zip(keys, values)))
+    sock = _CountingStream(reply)
+    into = [torch.zeros(shape, dtype=dtype) for _ in keys]
+    ok, corrupt = [False] * 6, []
+    read_mget_into(RespReader(sock, float("inf")), [key_digest(k) for k in keys], into, ok, corrupt)
+    assert ok == [True] * 6 and not corrupt and all(torch.equal(a, b) for a, b in zip(into, values))
+    assert sock.at == len(reply) and sock.reads <= 2 * 6 + 1
+
+
+def test_a_large_get_is_a_window_of_small_mgets(fresh, monkeypatch):
+    """Redis builds a reply whole before sending it: a large get is asked for in MGETs of
+    about MGET_BYTES, at most MGETS_IN_FLIGHT ahead of the reply being read, so the server
+    reuses a few MiB of reply buffers instead of allocating the whole batch afresh."""
+    from kvtier.kvstore.tiers import redis_batches
+
+    values = blocks(22, *KIB160)
+    monkeypatch.setattr(redis_batches, "MGET_BYTES", 4 * values[0].nbytes, raising=False)
+    log = []
+    send, read = redis_batches.send_buffers, redis_batches.read_mget_into
+
+    def counting_send(sock, buffers):
+        log.append(sum(bytes(b).count(b"MGET") for b in buffers))
+        return send(sock, buffers)
+
+    def counting_read(reader, digests, *args):
+        log.append(-1)
+        return read(reader, digests, *args)
+
+    monkeypatch.setattr(redis_batches, "send_buffers", counting_send)
+    monkeypatch.setattr(redis_batches, "read_mget_into", counting_read)
+    tier = fresh()
+    keys = [key(i) for i in range(22)]
+    tier.put(keys, values)
+    into = [torch.zeros_like(v) for v in values]
+    log.clear()
+    assert tier.get(keys, into) == [True] * 22 and all(torch.equal(a, b) for a, b in zip(into, values))
+    in_flight = [sum(log[:i + 1]) for i in range(len(log))]
+    assert sum(n for n in log if n > 0) == 6  # 22 blocks in MGETs of at most 4
+    assert max(in_flight) <= redis_batches.MGETS_IN_FLIGHT and in_flight[-1] == 0

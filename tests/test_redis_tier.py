@@ -323,3 +323,38 @@ def test_block_transfers_round_trip_without_redis_py_warnings(recwarn):
         assert tier.stats().faults == {}
     finally:
         server.stop()
+
+
+def test_presence_probes_go_over_the_tiers_own_connection(tier, server):
+    """A single node's EXISTS pipeline is the tier's own (redis-py is not on the path from
+    lookup to load): it answers even when no redis-py client can be built."""
+    put_all(tier, range(3))
+
+    def no_client():
+        raise ConnectionError("redis-py must not be used for presence probes")
+
+    tier._connect = no_client
+    tier._client = None
+    assert tier.contains([key(i) for i in range(5)]) == [True, True, True, False, False]
+    assert tier.lookup_prefix([key(0), key(1), key(7), key(2)]) == 2
+    assert tier.stats().errors == 0 and tier.breaker.state == "closed"
+
+
+def test_refused_presence_probes_are_misses_and_the_connection_stays_in_step(server):
+    """Error replies to EXISTS (here an ACL without it) are a counted miss, not a breaker
+    failure; the replies are read to the end, so the pooled connection serves the next call."""
+    admin = server.client()
+    admin.flushall()
+    admin.execute_command("ACL", "SETUSER", "noexists", "on", ">pw", "~*", "+@all", "-exists")
+    try:
+        t = build_tier(f"redis://noexists:pw@127.0.0.1:{server.port}/0?{FAST}", LAYOUT)
+        try:
+            put_all(t, range(2))
+            assert t.contains([key(0), key(1), key(2)]) == [False, False, False]
+            assert t.stats().errors == 1 and t.breaker.state == "closed"
+            assert fetch(t, [0, 1, 2])[0] == [True, True, False]  # same pool, still in step
+            assert len(t._pool()._idle) == 1
+        finally:
+            t.close()
+    finally:
+        admin.execute_command("ACL", "DELUSER", "noexists")

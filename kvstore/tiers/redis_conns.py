@@ -1,7 +1,7 @@
 """The Redis tier's own connections for block transfers.
 
-redis-py keeps the control path (EXISTS probes, DEL, the cluster's slot map); MGET and SET
-batches go over these plain sockets, opened with the URL's host, port, database and
+redis-py keeps the control path (DEL, a cluster's EXISTS probes and slot map); MGET, SET
+and a single node's EXISTS batches go over these plain sockets, opened with the URL's host, port, database and
 credentials and the spec's TLS options, so no redis-py private attribute is ever touched.
 Each endpoint keeps a few idle connections; a connection is returned only after a reply was
 read whole, so a pooled one is always in step with its server.

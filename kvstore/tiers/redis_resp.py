@@ -77,6 +77,17 @@ class RespReader:
         except BlockingIOError:  # SO_RCVTIMEO expired
             raise TimeoutError("redis reply timed out")
 
+    def _fill(self) -> None:
+        """One socket read into the buffer, after the bytes it still holds."""
+        if self._start:  # keep the unread bytes at the front of the buffer
+            rest = self._end - self._start
+            self._view[:rest] = self._view[self._start : self._end]
+            self._start, self._end = 0, rest
+        got = self._sock_recv(self._view[self._end :], len(self._buf) - self._end)
+        if got == 0:
+            raise RespBroken("connection closed mid-reply")
+        self._end += got
+
     def readline(self) -> bytes:
         """One reply line, without its CRLF."""
         while True:
@@ -87,20 +98,18 @@ class RespReader:
                 return line
             if self._end - self._start >= _MAX_LINE:
                 raise RespBroken("reply line too long")
-            if self._start:  # keep the partial line at the front of the buffer
-                rest = self._end - self._start
-                self._view[:rest] = self._view[self._start : self._end]
-                self._start, self._end = 0, rest
-            got = self._sock_recv(self._view[self._end :], len(self._buf) - self._end)
-            if got == 0:
-                raise RespBroken("connection closed mid-reply")
-            self._end += got
+            self._fill()
 
     def expect_crlf(self) -> None:
-        tail = memoryview(bytearray(2))
-        recv_exact_into(self, tail)
-        if tail != _CRLF:
+        """The CRLF after a bulk string. Read through the buffer, so the one read that brings
+        it also brings the next element's length line and value header (a value received
+        straight into its block leaves the buffer empty: a bare 2-byte read here cost one
+        more syscall per value)."""
+        while self._end - self._start < 2:
+            self._fill()
+        if self._view[self._start : self._start + 2] != _CRLF:
             raise RespBroken("bulk string not followed by CRLF")
+        self._start += 2
 
     def simple_reply(self) -> bytes:
         """A status or integer reply's text; RespError for an error reply."""

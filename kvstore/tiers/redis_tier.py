@@ -7,8 +7,9 @@
 - Keys are `prefix + hex(block key)`: the prefix lets several models or tenants share one
   Redis (and lets an operator SCAN or drop one namespace).
 - One round trip per batch: the prefix probe is a pipeline of EXISTS for every key of the
-  request, get() is one MGET (in a cluster, one MGET per slot, pipelined per node), and a
-  write batch is one pipeline of SET ... EX ttl.
+  request, get() a window of pipelined MGETs of ~2 MiB each (per slot in a cluster; Redis
+  builds each reply whole, so small ones keep its reply buffers warm: redis_batches.py),
+  and a write batch is one pipeline of SET ... EX ttl.
 - Faults: every socket call has a timeout and redis-py's own retries are off (they would
   multiply the stall). A failed call is a miss or a skipped write, counted in stats, and
   feeds the circuit breaker; while it is open calls return at once. When Redis comes back
@@ -19,7 +20,8 @@
   (redis_resp.py), and a put sends each block's header and payload with no joined copy, a
   batch per sendmsg. A batch of at least SPLIT_BYTES per connection is split over up to
   `conns=` connections in parallel (default DEFAULT_CONNS, measured: README, Redis tier).
-  redis-py keeps the rest: the EXISTS probes, DEL, and a cluster's slot map.
+  A single node's EXISTS probes go over them too (on the path from lookup to load); redis-py
+  keeps the rest: a cluster's EXISTS probes, DEL, and a cluster's slot map.
 - A torn, malformed or late reply closes that connection; its values not yet verified are
   misses (never wrong KV). `timeout` bounds each socket call; a get's whole batch is
   bounded by `timeout` plus its bytes at SLOWEST_RATE (checked between reads, so a
@@ -46,7 +48,8 @@ from kvtier.kvstore.circuit_breaker import CircuitBreaker
 from kvtier.kvstore.format.codec import key_digest
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.tiers.byte_store import ByteStoreTier, StoreUnavailable
-from kvtier.kvstore.tiers.redis_batches import GetBatch, run_all, run_get_batch, run_set_batch, split
+from kvtier.kvstore.tiers.redis_batches import (GetBatch, run_all, run_exists_batch, run_get_batch,
+                                                   run_set_batch, split)
 from kvtier.kvstore.tiers.redis_conns import ConnectionPool, Endpoint, tls_context
 from kvtier.kvstore.tiers.redis_resp import RespError
 
@@ -146,12 +149,13 @@ class RedisTier(ByteStoreTier):
                     self._client = self._connect()
         return self._client
 
-    def _call(self, fn: Callable):
-        """Run fn(client) if the breaker allows; StoreUnavailable on any store fault."""
+    def _call(self, fn: Callable, client: bool = True):
+        """Run fn(client) if the breaker allows; StoreUnavailable on any store fault.
+        client=False: fn(None), for calls that use only the tier's own connections."""
         if self._closed or not self.breaker.allow():
             raise StoreUnavailable("redis: circuit open")
         try:
-            result = fn(self._redis())
+            result = fn(self._redis() if client else None)
         except (ResponseError, RespError) as e:
             # The server answered (e.g. OOM under maxmemory): reachable, so not a breaker
             # failure, but this call did not do its job.
@@ -197,13 +201,18 @@ class RedisTier(ByteStoreTier):
 
     # --- raw byte-store operations ----------------------------------------------------
     def _exists(self, keys: list[bytes]) -> list[bool]:
+        """One pipeline of EXISTS: over the tier's own connection (a single node), or
+        redis-py's cluster pipeline, which routes each key to its node."""
         if not keys:
             return []
+        rkeys = [self._rkey(k) for k in keys]
+        if not self.cluster:
+            return self._call(lambda _: run_exists_batch(self._pool(), rkeys, self.timeout), client=False)
 
         def probe(client):
             pipe = client.pipeline(transaction=False)
-            for k in keys:
-                pipe.exists(self._rkey(k))
+            for k in rkeys:
+                pipe.exists(k)
             return pipe.execute()
 
         return [bool(n) for n in self._call(probe)]
