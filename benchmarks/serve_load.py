@@ -84,18 +84,22 @@ def run_server(model: str, args, system, turns, answers, tiers: list[str] | None
             nonlocal tokens, cached, mismatches
             sent = time.perf_counter()
             stamps, text = [], ""
-            stream = client.completions.create(model=model, prompt=list(histories[u]), max_tokens=args.max_tokens,
-                                               temperature=0, stream=True, stream_options={"include_usage": True},
-                                               extra_body={"ignore_eos": True})
-            usage = None
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].text:
-                    stamps.append(time.perf_counter())
-                    text += chunk.choices[0].text
-                if getattr(chunk, "usage", None):
-                    usage = chunk.usage
+            common = dict(model=model, prompt=list(histories[u]), max_tokens=args.max_tokens, temperature=0,
+                          extra_body={"ignore_eos": True})
+            if args.no_stream:  # one response per request: no per-token work on either side
+                done = client.completions.create(**common)
+                text, usage = done.choices[0].text, done.usage
+            else:
+                usage = None
+                for chunk in client.completions.create(**common, stream=True, stream_options={"include_usage": True}):
+                    if chunk.choices and chunk.choices[0].text:
+                        stamps.append(time.perf_counter())
+                        text += chunk.choices[0].text
+                    if getattr(chunk, "usage", None):
+                        usage = chunk.usage
             with lock:
-                ttft.append(stamps[0] - sent)
+                if stamps:
+                    ttft.append(stamps[0] - sent)
                 itl.extend(b - a for a, b in zip(stamps, stamps[1:]))
                 tokens += usage.prompt_tokens + usage.completion_tokens
                 cached += usage.prompt_tokens_details.cached_tokens
@@ -122,7 +126,7 @@ def run_server(model: str, args, system, turns, answers, tiers: list[str] | None
     return {"seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1), "engine_steps": steps,
             "step_seconds": round(step_s, 2), "cpu_seconds": round(server_cpu, 2),
             "client_cpu_seconds": round(client_cpu, 2), "cached_tokens": cached,
-            "ttft_ms_p50": ms(ttft, 0.5), "ttft_ms_p99": ms(ttft, 0.99),
+            "ttft_ms_p50": ms(ttft, 0.5) if ttft else None, "ttft_ms_p99": ms(ttft, 0.99) if ttft else None,
             "itl_ms_p50": ms(itl, 0.5) if itl else None, "itl_ms_p99": ms(itl, 0.99) if itl else None,
             "answers_differing_from_offline": mismatches}
 
@@ -161,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--system-tokens", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="runs per side; figures are medians")
+    ap.add_argument("--no-stream", action="store_true",
+                    help="non-streaming requests (no TTFT / inter-token figures): the server's cost without SSE")
     ap.add_argument("--configs", default="no_tier,cpu_tier", help="which of no_tier,cpu_tier to run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

@@ -20,9 +20,9 @@ import sys
 import tempfile
 import time
 
+from bench_io import emit
 import torch
 
-from bench_io import emit
 from kvtier import LLM, SamplingParams
 from kvtier.engine.make_model import make_model
 from kvtier.engine.model_config import load_model_config

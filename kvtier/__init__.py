@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 # torch's OpenMP workers spin for a long while at every barrier. When anything else wants the
 # cores (a server's event loop, its clients, another process) a descheduled worker stalls
-# the others and steps ran 2-5x slower on a 2-core machine (README, "CPU threads"); a short
+# the others: steps ran up to 4x slower on a 2-core machine (README, "CPU threads"); a short
 # spin keeps the speed of an idle machine. Read by libgomp when torch loads, so it only takes
 # effect when kvtier is imported before torch; a value set by the user is kept.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
