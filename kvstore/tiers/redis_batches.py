@@ -135,13 +135,7 @@ def run_set_batch(pool: ConnectionPool, rkeys: Sequence[bytes], parts: Iterable[
         if sent:
             out.add(pending)
         out.flush()
-        reader = RespReader(sock, time.monotonic() + timeout)
-        refused = []
-        for _ in range(sent):
-            try:
-                reader.simple_reply()
-            except RespError as e:  # the stream stays in step: read the remaining replies
-                refused.append(str(e))
+        _, refused = _simple_replies(RespReader(sock, time.monotonic() + timeout), sent)
     except BaseException:
         sock.close()  # a half-sent or half-read pipeline leaves the connection unusable
         raise
@@ -158,24 +152,30 @@ def run_exists_batch(pool: ConnectionPool, rkeys: Sequence[bytes], timeout: floa
     sock = pool.acquire()
     try:
         send_buffers(sock, [b"".join(command(b"EXISTS", k) for k in rkeys)])
-        reader = RespReader(sock, time.monotonic() + timeout)
-        present, refused = [], None
-        for _ in rkeys:
-            try:
-                reply = reader.simple_reply()
-            except RespError as e:  # the stream stays in step: read the remaining replies
-                refused = refused or e
-                continue
-            if reply not in (b"0", b"1"):
-                raise RespBroken(f"unexpected EXISTS reply {reply[:32]!r}")
-            present.append(reply == b"1")
+        replies, refused = _simple_replies(RespReader(sock, time.monotonic() + timeout), len(rkeys))
+        bad = [r for r in replies if r not in (None, b"0", b"1")]
+        if bad:
+            raise RespBroken(f"unexpected EXISTS reply {bad[0][:32]!r}")
     except BaseException:
         sock.close()  # a half-read pipeline leaves the connection unusable
         raise
     pool.release(sock)
-    if refused is not None:
-        raise refused
-    return present
+    if refused:
+        raise RespError(refused[0])
+    return [r == b"1" for r in replies]
+
+
+def _simple_replies(reader: RespReader, n: int) -> tuple[list[bytes | None], list[str]]:
+    """n status or integer replies. An error reply is None in the first list and its text
+    in the second; reading goes on past it, so the connection stays in step."""
+    replies, refused = [], []
+    for _ in range(n):
+        try:
+            replies.append(reader.simple_reply())
+        except RespError as e:
+            replies.append(None)
+            refused.append(str(e))
+    return replies, refused
 
 
 def split(n: int, nbytes: int, conns: int, min_share_bytes: int) -> list[range]:
