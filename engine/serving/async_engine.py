@@ -17,14 +17,12 @@ from dataclasses import dataclass, field
 from kvtier.engine.engine_core import Engine
 from kvtier.engine.outputs import RequestOutput
 from kvtier.engine.sampling_params import SamplingParams
+from kvtier.engine.serving.arrival_gather import ArrivalGather, gather
 from kvtier.kvstore.faults import FaultLog
 
 log = logging.getLogger("kvtier.serve")
 
 IDLE_WAIT_S = 0.05  # idle loop period: parked requests still need their TTL ticks
-# When a request wakes an idle engine, wait this long for the ones arriving with it (clients
-# of one turn send within milliseconds), so their prefills share the first step.
-GATHER_S = 0.003
 
 
 @dataclass
@@ -52,8 +50,11 @@ class _Tracked:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, gather_window: float = 1.5):
+        """gather_window: how long an idle engine waits for requests arriving together
+        (arrival_gather.py); 0 starts every step at once."""
         self.engine = engine
+        self.gather = ArrivalGather(gather_window)
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.max_num_seqs = engine.config.max_num_seqs
@@ -86,8 +87,9 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         self.num_unfinished += 1
         finished = False
+        at = time.monotonic()
         try:
-            await self.call(lambda eng: self._add(eng, prompt, params, request_id, stream))
+            await self.call(lambda eng: self._add(eng, prompt, params, request_id, stream, at))
             while True:
                 chunk = await stream.get()
                 yield chunk
@@ -114,8 +116,9 @@ class AsyncEngine:
         await asyncio.get_running_loop().run_in_executor(None, self._closed.wait, grace_s + 30)
 
     # ---- loop-thread side ---------------------------------------------------------------
-    def _add(self, eng: Engine, prompt, params, request_id, stream) -> None:
+    def _add(self, eng: Engine, prompt, params, request_id, stream, at: float) -> None:
         req = eng.add_request(prompt, params, request_id)
+        self.gather.arrived(at)
         stops = params.stop or []
         holdback = max((len(s) for s in stops), default=1) - 1
         self._tracked[req.request_id] = _Tracked(stream, self.tokenizer.detokenizer(req.prompt_token_ids),
@@ -147,13 +150,21 @@ class AsyncEngine:
                     busy = False
                 if not busy:
                     if self._wake.wait(IDLE_WAIT_S):
-                        time.sleep(GATHER_S)
+                        self._run_commands()
+                        if self.engine.scheduler.waiting:
+                            gather(self.gather, self._wait_for_command, time.monotonic)
                     self._wake.clear()
         finally:
             try:
                 self.engine.close()  # drains the tier writers
             finally:
                 self._closed.set()
+
+    def _wait_for_command(self, timeout: float) -> bool:
+        self._wake.clear()
+        got = self._wake.wait(timeout)
+        self._run_commands()
+        return got
 
     def _run_commands(self) -> None:
         while True:

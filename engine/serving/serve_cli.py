@@ -32,7 +32,7 @@ def run_serve(config, serve, log_level: str = "warning") -> int:
     from kvtier.engine.serving.openai_server import create_app
 
     template = ChatTemplate.for_model(config.model)
-    engine = AsyncEngine(Engine(config))
+    engine = AsyncEngine(Engine(config), gather_window=serve.gather_window)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

@@ -17,11 +17,15 @@ class ServeConfig:
                              metavar="KEY")
     max_queue: int = _f(256, "requests allowed to wait beyond max_num_seqs; more are answered 429")
     shutdown_grace: float = _f(10.0, "seconds in-flight requests get to finish on SIGTERM before they are aborted")
+    gather_window: float = _f(1.5, "when requests arrive in bursts, an idle engine waits for the rest of one, up to "
+                              "this times the previous burst's span (at most 0.1 s); 0: never")
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be a port number in [0, 65535], got {self.port!r}")
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ValueError(f"max_queue: must be >= 0, got {self.max_queue}")
+        if not 0 <= self.gather_window <= 10:
+            raise ValueError(f"gather_window: must be in [0, 10], got {self.gather_window}")
         if not self.shutdown_grace >= 0:
             raise ValueError(f"shutdown_grace: must be >= 0 seconds, got {self.shutdown_grace}")

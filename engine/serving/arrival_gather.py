@@ -1,0 +1,60 @@
+"""How long an idle engine, woken by a request, waits for the requests arriving with it.
+
+Clients of one conversation turn (a fan-out of agents, the users of a chat room, a
+benchmark's users) send within tens of milliseconds of each other, not within one. A step
+that starts with the first of them makes the rest queue behind its whole prefill, then run
+in a partial step of their own, and the batch stays split to the end of its decode.
+
+A burst is the requests submitted within `max_s` of its first. When the previous burst held
+more than one request, an idle engine waits for the current burst until it is as large as
+the previous one, or until `window` x the longest span of the last few bursts has passed (at
+most `max_s`). Otherwise (a lone user) it waits only `lone_s`, so the latency of a single request
+barely changes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+LONE_S = 0.003  # the wait when requests have not been arriving together
+MAX_S = 0.1  # no gathering lasts longer
+SPANS_KEPT = 8  # a burst is expected to last as long as the longest of the last few
+
+
+class ArrivalGather:
+    def __init__(self, window: float = 1.5, max_s: float = MAX_S, lone_s: float = LONE_S):
+        if not 0 <= window <= 10:
+            raise ValueError(f"gather_window: must be in [0, 10] (times the last burst's span), got {window}")
+        self.window = window
+        self.max_s = max_s
+        self.lone_s = lone_s
+        self._start = float("-inf")  # first and last arrival of the current burst
+        self._last = float("-inf")
+        self._size = 0
+        self._prev_size = 0  # the previous burst's size
+        self._spans: list[float] = []  # the spans of the last few bursts (first to last arrival)
+
+    def arrived(self, at: float) -> None:
+        """A request was submitted at `at` (the clock gather waits by)."""
+        if at > self._start + self.max_s:
+            if self._size:
+                self._prev_size = self._size
+                self._spans = self._spans[-(SPANS_KEPT - 1):] + [self._last - self._start]
+            self._start, self._size = at, 0
+        self._size += 1
+        self._last = max(self._last, at)
+
+    def deadline(self) -> float:
+        """Until when to wait for more of the current burst (a past time: not at all)."""
+        if not self.window:
+            return float("-inf")
+        if self._prev_size < 2:
+            return self._start + self.lone_s
+        if self._size >= self._prev_size:
+            return float("-inf")
+        return self._start + min(self.max_s, self.window * max(self._spans) + self.lone_s)
+
+
+def gather(gate: ArrivalGather, wait: Callable[[float], bool], now: Callable[[], float]) -> None:
+    """Wait (wait(timeout) handles what arrives meanwhile) until gate.deadline() passes."""
+    while (left := gate.deadline() - now()) > 0:
+        wait(left)
