@@ -10,8 +10,9 @@ under its own request id in the KV cache). The policy (policy.py) decides per re
 - discard: released like any finished request (ordinary prefix caching), no prefetch.
   (Releasing offloaded blocks to the head of the free queue instead measured slower in
   benchmarks/agentic.py: their reloads cost more than the memory they freed first.)
-Decisions are revisited as time passes (a keep that outstays its expected pause is
-demoted), pinned memory is bounded by `max_parked_fraction` of the pool, and every entry
+Decisions are revisited as time passes (without a tier, a keep that outstays its expected
+pause is demoted; with one, it is first in line when memory runs short, see policy.py),
+pinned memory is bounded by `max_parked_fraction` of the pool, and every entry
 ends by its TTL: a kept one is demoted then, never dropped while a tier has room.
 """
 from __future__ import annotations
@@ -197,21 +198,23 @@ class ParkingLot:
                 entry.prefetched = True
                 self.prefetch(entry)
 
-    def demote(self, entry: ParkedEntry, policy: str = "offload") -> None:
+    def demote(self, entry: ParkedEntry, policy: str = "offload", first_out: bool = False) -> None:
         if entry.pinned:
-            self.kv.free(entry.request)
+            self.kv.free(entry.request, first_out=first_out)
             entry.policy = policy
             self.counts["demoted"] += 1
 
     def demote_one(self) -> bool:
-        """Memory is short: demote the kept request that costs most to keep; False if none."""
+        """Memory is short: demote the kept request that costs most to keep; False if none.
+        Its blocks are the first the pool reuses: they were chosen to go, not the blocks
+        of requests demoted earlier, which may be nearer their resume by now."""
         kept = [e for e in self.entries.values() if e.pinned]
         if not kept:
             return False
         now = self.clock()
         worst = max(kept, key=lambda e: self.kv.held_share(e.request.request_id) * self.pauses.expected_remaining(
             e.params.tool, e.params.expected_pause_s, now - e.parked_at))
-        self.demote(worst)
+        self.demote(worst, first_out=True)
         return True
 
     def _pool_bytes(self) -> int:

@@ -9,6 +9,12 @@ how long (InferCept compares the waste of its options the same way):
 - discard: recomputing its context stalls the whole running batch: recompute seconds
   times the share of the pool the batch uses (at least the request's own share).
 Offload needs a tier; without one the choice is between keep and discard.
+
+With a tier, keeping never costs more than offloading: the first tier already holds the
+blocks (they are saved as they fill), and a kept request gives its blocks up the moment
+memory runs short (the one with the largest share x expected remaining pause first, see
+ParkingLot.demote_one), which then costs exactly what offloading at once would have. Until
+then its next turn loads nothing. So keep's cost is capped at offload's.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ def costs(c: CostInputs) -> dict[str, float]:
            "discard": c.recompute_s * max(c.pressure, c.share)}
     if c.transfer_s is not None:
         out["offload"] = c.share * 2 * c.transfer_s
+        out["keep"] = min(out["keep"], out["offload"])
     return out
 
 
