@@ -119,3 +119,27 @@ def test_a_resumed_turn_keeps_its_conversations_place_in_the_queue():
     sched.resume(entry, resumed)
     assert [r.request_id for r in sched.waiting] == ["a2", "b", "c"]
     assert resumed.holds_kv and resumed.num_computed_tokens == 10
+
+
+def test_memory_pressure_demotes_the_longest_pause_and_reuses_its_blocks_first():
+    # 12 blocks of 4 tokens: c (finished, cached), a and b (parked, kept) hold 4 each.
+    kv, lot, sched, clock, shadows = _world(("full",), "keep", budget=64, num_blocks=12)
+    lot.max_parked_fraction = 1.0
+    rng = random.Random(0)
+
+    def run(rid, token, park=None):
+        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, park=park)
+        req = Request(rid, [token] * 15, params, hash_root=ROOT)  # 15 + 1 output = 4 blocks
+        sched.add(req)
+        _drain(sched, kv, shadows, rng)
+        return req
+
+    run("c", 3)
+    a = run("a", 4, ParkParams(expected_pause_s=30.0))
+    b = run("b", 5, ParkParams(expected_pause_s=0.5))
+    assert lot.demote_one()
+    assert lot.entries[a.parked_id].policy == "offload" and lot.entries[b.parked_id].pinned
+    run("d", 6)  # needs 4 blocks: the demoted request's, not c's older cached ones
+    probe = Request("probe", [3] * 15, SamplingParams(max_tokens=1), hash_root=ROOT)
+    kv.update_block_hashes(probe)
+    assert kv.get_computed_blocks(probe).num_tokens == 12  # c's 3 full blocks are still cached
