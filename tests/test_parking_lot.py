@@ -143,3 +143,26 @@ def test_memory_pressure_demotes_the_longest_pause_and_reuses_its_blocks_first()
     probe = Request("probe", [3] * 15, SamplingParams(max_tokens=1), hash_root=ROOT)
     kv.update_block_hashes(probe)
     assert kv.get_computed_blocks(probe).num_tokens == 12  # c's 3 full blocks are still cached
+
+
+def test_auto_without_a_tier_demotes_a_kept_request_that_outstays_its_pause():
+    kv = make_coordinator(("full",), 20, True, 64)
+    clock = FakeClock()
+    lot = ParkingLot(kv, "auto", 0.6, lambda: None, lambda: 100.0, clock=clock)  # slow prefill: keep pays
+    sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, parking=lot)
+    shadows = [{i: [None] * 4 for i in range(20)}]
+    rng = random.Random(0)
+    parked = Request("a", [4] * 15, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True,
+                                                    park=ParkParams(expected_pause_s=0.2)), hash_root=ROOT)
+    sched.add(parked)
+    _drain(sched, kv, shadows, rng)
+    busy = Request("r", [5] * 30, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), hash_root=ROOT)
+    sched.add(busy)
+    out = sched.schedule()  # another request now uses the pool
+    sched.update(out, _run_step(out, kv, shadows, rng))
+    entry = lot.entries[parked.parked_id]
+    lot.tick()
+    assert entry.pinned  # a short pause: keeping is cheaper than recomputing
+    clock.now += 120.0  # the tool outstays its 0.2 s expectation by far
+    lot.tick()
+    assert entry.policy == "discard" and lot.stats()["demoted"] == 1

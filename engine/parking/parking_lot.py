@@ -110,7 +110,8 @@ class ParkingLot:
         self._enforce_bound()
         return entry.parked_id
 
-    def _decide(self, entry: ParkedEntry, now: float) -> str:
+    def _decide(self, entry: ParkedEntry, now: float, pinned_share: float | None = None) -> str:
+        """pinned_share: what pinned entries hold, when the caller has it already."""
         req = entry.request
         share = self.kv.held_share(req.request_id)
         pause = self.pauses.expected_remaining(entry.params.tool, entry.params.expected_pause_s, now - entry.parked_at)
@@ -119,7 +120,8 @@ class ParkingLot:
         speed = self.prefill_tokens_per_s() or DEFAULT_PREFILL_TOKENS_PER_S
         # What the other, running requests use: neither this request nor other pinned ones.
         own = 0.0 if entry.parked_id in self.entries else share
-        pressure = max(0.0, self.kv.used_share() - self.pinned_share() - own)
+        pinned = self.pinned_share() if pinned_share is None else pinned_share
+        pressure = max(0.0, self.kv.used_share() - pinned - own)
         return choose(CostInputs(share, pressure, pause, transfer, len(entry.tokens) / speed))
 
     # ---- leaving the lot ------------------------------------------------------------
@@ -187,16 +189,27 @@ class ParkingLot:
         if now < self._next_review:
             return
         self._next_review = now + REVIEW_S
-        for entry in list(self.entries.values()):
-            if entry.pinned and self.policy == "auto":
-                choice = self._decide(entry, now)
-                if choice != "keep":
-                    self.demote(entry, choice)
+        self._review_kept(now)
+        for entry in self.entries.values():
             if (entry.policy == "offload" and not entry.prefetched and self.prefetch is not None
                     and (entry.transfer_s or 0) >= PREFETCH_MIN_S
                     and now >= entry.resume_at - PREFETCH_LEAD_S - entry.transfer_s):
                 entry.prefetched = True
                 self.prefetch(entry)
+
+    def _review_kept(self, now: float) -> None:
+        """auto without a tier: demote the kept requests that now cost more to keep than to
+        discard (their pause outlasted its expectation, or the pool filled up). With a tier
+        keeping never costs more (policy.py): memory pressure alone demotes them."""
+        if self.policy != "auto" or self.tier_bandwidth() is not None:
+            return
+        kept = [e for e in self.entries.values() if e.pinned]
+        pinned = self.pinned_share()
+        for entry in kept:
+            choice = self._decide(entry, now, pinned)
+            if choice != "keep":
+                pinned -= self.kv.held_share(entry.request.request_id)
+                self.demote(entry, choice)
 
     def demote(self, entry: ParkedEntry, policy: str = "offload", first_out: bool = False) -> None:
         if entry.pinned:
