@@ -248,6 +248,8 @@ def _wire_row(args, url: str, name: str, layout: BlockLayout, clients: int, conn
     median per-repeat ratio of each tier variant to redis-py."""
     import redis
 
+    from kvtier.kvstore.tiers.redis_batches import run_set_batch
+    from kvtier.kvstore.tiers.redis_conns import ConnectionPool, Endpoint
     from kvtier.kvstore.tiers.redis_tier import RedisTier
 
     batch = max(1, WIRE_BATCH_BYTES // layout.nbytes)
@@ -272,7 +274,14 @@ def _wire_row(args, url: str, name: str, layout: BlockLayout, clients: int, conn
         for v, out in zip(raw[c].mget(raw_keys[c]), dst[c]):
             out.copy_(torch.frombuffer(v, dtype=layout.dtype).view(layout.shape))
 
-    steps = {("redis-py", "put"): raw_put, ("redis-py", "get"): raw_get}
+    # The ceiling for puts: the tier's own sender with bare values (no header, no checksum).
+    bare_pools = [ConnectionPool(Endpoint.from_url(url, None, 30.0, 5.0), max_idle=1) for _ in range(clients)]
+    bare_keys = [[b"kvtier-bench-wire-bare:" + k.hex().encode() for k in ks] for ks in keys]
+
+    def bare_put(c):
+        run_set_batch(bare_pools[c], bare_keys[c], [(b"", v) for v in raw_src], None, 30.0)
+
+    steps = {("redis-py", "put"): raw_put, ("redis-py", "get"): raw_get, ("bare", "put"): bare_put}
     for n in variants:
         steps[f"tier{n}", "put"] = lambda c, n=n: tiers[n][c].put(keys[c], src)
         steps[f"tier{n}", "get"] = lambda c, n=n: tiers[n][c].get(keys[c], dst[c])
@@ -286,14 +295,17 @@ def _wire_row(args, url: str, name: str, layout: BlockLayout, clients: int, conn
                     raise RuntimeError(f"redis tier conns={n} had faults during the benchmark: {tier.stats()}")
                 tier.delete(keys[c])
         for c in range(clients):
-            raw[c].delete(*raw_keys[c])
+            raw[c].delete(*raw_keys[c], *bare_keys[c])
     finally:
+        for pool in bare_pools:
+            pool.close()
         for tier in itertools.chain(*tiers.values()):
             tier.close()
         for client in raw:
             client.close()
     nbytes = clients * batch * layout.nbytes
     row = {"tier": "redis_wire", "block": name, "block_bytes": layout.nbytes, "blocks": batch, "clients": clients}
+    row["put_bare_gbps"] = round(nbytes / statistics.median(times["bare", "put"]) / 1e9, 3)
     for op in ("put", "get"):
         ref = times["redis-py", op]
         row[f"{op}_redis_py_gbps"] = round(nbytes / statistics.median(ref) / 1e9, 3)

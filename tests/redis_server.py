@@ -200,6 +200,34 @@ class RedisClusterServers:
                 client.close()
         return self
 
+    def owner(self, slot: int) -> RedisServer:
+        """The node serving a hash slot now."""
+        client = self.nodes[0].client()
+        try:
+            for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return next(n for n in self.nodes if n.port == int(master[1]))
+        finally:
+            client.close()
+        raise RuntimeError(f"no node serves slot {slot}")
+
+    def move_slot(self, slot: int, target: RedisServer) -> None:
+        """Migrate one hash slot and its keys to `target`, the way a resharding does."""
+        source = self.owner(slot)
+        clients = {n.port: n.client() for n in self.nodes}
+        try:
+            ids = {port: c.execute_command("CLUSTER", "MYID").decode() for port, c in clients.items()}
+            src, dst = clients[source.port], clients[target.port]
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.port])
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target.port])
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            for c in clients.values():
+                c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target.port])
+        finally:
+            for c in clients.values():
+                c.close()
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()

@@ -257,6 +257,34 @@ def test_cluster_per_slot_mgets_identical_to_redis_py():
         tier.close()
 
 
+@pytest.mark.slow  # forming a cluster takes redis-cli a few seconds
+def test_cluster_batches_follow_a_resharded_slot():
+    """A slot moves to another node while the tier's map still names the old one: the
+    node's MOVED reply refreshes the map and the batch is sent again, for puts and gets."""
+    from redis.crc import key_slot
+    from redis_server import cluster_or_skip
+
+    def empty(src):
+        return [torch.empty_like(b) for b in src]
+
+    with cluster_or_skip() as cluster:
+        tier = RedisTier(cluster.url, timeout=2)
+        keys = [key(i) for i in range(12)]
+        first, second = blocks(12, *SMALL), blocks(12, *SMALL, seed=1)
+        tier.put(keys, first)
+        assert all(tier.get(keys, empty(first)))  # the map is loaded
+        slots = [key_slot(tier._rkey(k.to_bytes())) for k in keys[:2]]
+        for slot in slots:
+            cluster.move_slot(slot, next(n for n in cluster.nodes if n is not cluster.owner(slot)))
+            if slot == slots[0]:  # the first move is met by a put, the second by a get
+                tier.put(keys, second)
+        into = empty(second)
+        assert all(tier.get(keys, into))
+        assert all(torch.equal(a, b) for a, b in zip(into, second))
+        assert tier.stats().skipped_writes == 0 and tier.stats().faults == {}
+        tier.close()
+
+
 @pytest.mark.parametrize("spec, message", [("redis://h:1?conns=0", "conns must be >= 1"),
                                            ("redis://h:1?conns=many", "not an integer"),
                                            ("rediss://h:1?ssl_cert_reqs=maybe", "ssl_cert_reqs must be one of"),

@@ -21,7 +21,8 @@
   batch per sendmsg. A batch of at least SPLIT_BYTES per connection is split over up to
   `conns=` connections in parallel (default DEFAULT_CONNS, measured: README, Redis tier).
   A single node's EXISTS probes go over them too (on the path from lookup to load); redis-py
-  keeps the rest: a cluster's EXISTS probes, DEL, and a cluster's slot map.
+  keeps the rest: a cluster's EXISTS probes, DEL, and a cluster's slot map (refreshed when a
+  node redirects one of the tier's own batches: redis_cluster.py).
 - A torn, malformed or late reply closes that connection; its values not yet verified are
   misses (never wrong KV). `timeout` bounds each socket call; a get's whole batch is
   bounded by `timeout` plus its bytes at SLOWEST_RATE (checked between reads, so a
@@ -30,7 +31,8 @@
   thread, so the engine never waits on a socket; `queue=` bounds that writer's queue in
   bytes. (The former `async=1`, a second queue inside the tier, is gone: one writer per tier.)
 - redis-py 5.0 to 8.x (pyproject; tried with 5.0.0 and 8.1): only its public API is used
-  (from_url, pipeline, exists, delete, RedisCluster's keyslot / get_node_from_key).
+  (from_url, pipeline, exists, delete, RedisCluster's keyslot / get_node_from_key /
+  nodes_manager.initialize).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.tiers.byte_store import ByteStoreTier, StoreUnavailable
 from kvtier.kvstore.tiers.redis_batches import (GetBatch, run_all, run_exists_batch, run_get_batch,
                                                    run_set_batch, split)
+from kvtier.kvstore.tiers.redis_cluster import node_groups, node_shares, refresh_slots, slots_moved
 from kvtier.kvstore.tiers.redis_conns import ConnectionPool, Endpoint, tls_context
 from kvtier.kvstore.tiers.redis_resp import RespError
 
@@ -184,14 +187,6 @@ class RedisTier(ByteStoreTier):
                 pool = self._pools[where] = ConnectionPool(endpoint, max_idle=2 * self.conns)
             return pool
 
-    def _node_groups(self, client, rkeys: Sequence[bytes]) -> dict[tuple[str, int], dict[int, list[int]]]:
-        """Cluster: positions grouped by node, then by hash slot (redis-py's slot map)."""
-        nodes: dict[tuple[str, int], dict[int, list[int]]] = {}
-        for i, rkey in enumerate(rkeys):
-            node = client.get_node_from_key(rkey)
-            nodes.setdefault((node.host, node.port), {}).setdefault(client.keyslot(rkey), []).append(i)
-        return nodes
-
     def _in_parallel(self, tasks: list[Callable]) -> list:
         if len(tasks) > 1 and self._executor is None:
             with self._client_lock:
@@ -231,16 +226,30 @@ class RedisTier(ByteStoreTier):
         if not keys:
             return [], [], 0
         rkeys = [self._rkey(k) for k in raw_keys]
+        digests = [key_digest(k) for k in keys]
+        ok, corrupt = [False] * len(keys), []
+        nbytes, refused = self._get(rkeys, digests, into, ok, corrupt, range(len(keys)))
+        if self.cluster and slots_moved(refused):  # resharded: learn the new map, ask once more
+            self._call(refresh_slots)
+            bad = set(corrupt)
+            more, refused = self._get(rkeys, digests, into, ok, corrupt,
+                                      [p for p in range(len(keys)) if not ok[p] and p not in bad])
+            nbytes += more
+        for message in refused:
+            self._fault("get", RespError(message))
+        return ok, sorted(corrupt), nbytes
+
+    def _get(self, rkeys, digests, into, ok, corrupt, positions: Sequence[int]) -> tuple[int, list[str]]:
+        """One round of get batches for `positions`: (bytes read, error replies)."""
         if self.cluster:
-            groups = self._call(lambda c: self._node_groups(c, rkeys))
+            groups = self._call(lambda c: node_groups(c, rkeys, positions))
             batches = [GetBatch(self._pool(*where), list(slots.values())) for where, slots in groups.items()]
         else:
             if self._closed or not self.breaker.allow():
                 raise StoreUnavailable("redis: circuit open")
-            nbytes = sum(t.nbytes for t in into)
-            batches = [GetBatch(self._pool(), [list(r)]) for r in split(len(rkeys), nbytes, self.conns, SPLIT_BYTES)]
-        digests = [key_digest(k) for k in keys]
-        ok, corrupt = [False] * len(keys), []
+            nbytes = sum(into[p].nbytes for p in positions)
+            batches = [GetBatch(self._pool(), [[positions[i] for i in r]])
+                       for r in split(len(positions), nbytes, self.conns, SPLIT_BYTES)]
 
         def budget(batch: GetBatch) -> float:
             return self.timeout + sum(into[p].nbytes for g in batch.groups for p in g) / SLOWEST_RATE
@@ -253,10 +262,7 @@ class RedisTier(ByteStoreTier):
             self._fault("get", broken[0])
         else:
             self.breaker.record_success()
-        for r in results:
-            for message in r.refused:
-                self._fault("get", RespError(message))
-        return ok, sorted(corrupt), sum(r.nbytes for r in results)
+        return sum(r.nbytes for r in results), [m for r in results for m in r.refused]
 
     def _write(self, keys: list[bytes], values: list[bytes]) -> None:
         """redis-py's pipelined SETs of joined values: the reference for the block path."""
@@ -280,23 +286,26 @@ class RedisTier(ByteStoreTier):
             return
         rkeys = [self._rkey(k) for k in keys]
 
-        def send(_client):
-            if self.cluster:
-                items = list(parts)
-                by_node: dict[tuple[str, int], list[int]] = {}
-                for i, rkey in enumerate(rkeys):
-                    node = _client.get_node_from_key(rkey)
-                    by_node.setdefault((node.host, node.port), []).append(i)
-                shares = [(self._pool(*where), idx) for where, idx in by_node.items()]
-            elif self.conns == 1:
-                return run_set_batch(self._pool(), rkeys, parts, self.ttl, self.timeout)
-            else:
-                items = list(parts)  # encoded lazily; payloads are still views of the blocks
-                nbytes = sum(len(h) + len(p) for h, p in items)
-                shares = [(self._pool(), r) for r in split(len(items), nbytes, self.conns, SPLIT_BYTES)]
+        def run(shares, items):
             self._in_parallel([lambda pool=pool, idx=idx: run_set_batch(
                 pool, [rkeys[i] for i in idx], [items[i] for i in idx], self.ttl, self.timeout)
                 for pool, idx in shares])
+
+        def send(client):
+            if self.cluster:
+                items = list(parts)
+                try:
+                    return run([(self._pool(*w), idx) for w, idx in node_shares(client, rkeys).items()], items)
+                except RespError as e:
+                    if not slots_moved([str(e)]):
+                        raise
+                refresh_slots(client)  # resharded: learn the new map, send again (SET is idempotent)
+                return run([(self._pool(*w), idx) for w, idx in node_shares(client, rkeys).items()], items)
+            if self.conns == 1:
+                return run_set_batch(self._pool(), rkeys, parts, self.ttl, self.timeout)
+            items = list(parts)  # encoded lazily; payloads are still views of the blocks
+            nbytes = sum(len(h) + len(p) for h, p in items)
+            run([(self._pool(), r) for r in split(len(items), nbytes, self.conns, SPLIT_BYTES)], items)
 
         self._call(send)
 
