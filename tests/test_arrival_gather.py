@@ -63,7 +63,6 @@ def test_gather_waits_for_arrivals_then_stops():
         waits.append(timeout)
         clock.t += 0.005
         gate.arrived(clock.t)
-        return True
 
     gather(gate, wait, clock)
     assert len(waits) == 2  # the burst reached 3 again after two more arrivals

@@ -168,3 +168,17 @@ def test_model_loading_silent_when_not_a_terminal(tiny_model, monkeypatch):
     load_model(tiny_model, torch.float32, "cpu")
     assert "loading weights" in term.getvalue()
     assert bars[0].n == bars[0].total > 0
+
+
+def test_agentic_pool_takes_medians_over_every_repeat_of_every_run(bench_scripts):
+    import agentic_pool
+
+    def run(auto, keep, base):
+        return {"mixes": {"fast": {"auto": {"turns_per_s_runs": auto}, "keep": {"turns_per_s_runs": keep},
+                                   "discard, no tier": {"turns_per_s_runs": base},
+                                   "auto_over_best_fixed": 0.5}}}
+
+    pooled = agentic_pool.pool([run([4, 5, 6], [5, 5, 9], [2, 2, 2]), run([7, 8, 9], [1, 6, 7], [3, 3, 3])])
+    row = pooled["fast"]
+    assert row["repeats"] == 6 and row["turns_per_s"] == {"auto": 6.5, "keep": 5.5, "discard, no tier": 2.5}
+    assert row["auto_over_best_fixed"] == round(6.5 / 5.5, 3) and row["auto_over_discard_no_tier"] == 2.6

@@ -8,8 +8,8 @@ in a partial step of their own, and the batch stays split to the end of its deco
 A burst is the requests submitted within `max_s` of its first. When the previous burst held
 more than one request, an idle engine waits for the current burst until it is as large as
 the previous one, or until `window` x the longest span of the last few bursts has passed (at
-most `max_s`). Otherwise (a lone user) it waits only `lone_s`, so the latency of a single request
-barely changes.
+most `max_s`). Otherwise (a lone user) it waits only `lone_s`, so the latency of a single
+request barely changes.
 """
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ class ArrivalGather:
         return self._start + min(self.max_s, self.window * max(self._spans) + self.lone_s)
 
 
-def gather(gate: ArrivalGather, wait: Callable[[float], bool], now: Callable[[], float]) -> None:
-    """Wait (wait(timeout) handles what arrives meanwhile) until gate.deadline() passes."""
+def gather(gate: ArrivalGather, wait: Callable[[float], None], now: Callable[[], float]) -> None:
+    """Wait until gate.deadline() passes; wait(timeout) returns early when something arrives,
+    having handed it to the engine (and so to gate.arrived)."""
     while (left := gate.deadline() - now()) > 0:
         wait(left)

@@ -160,11 +160,10 @@ class AsyncEngine:
             finally:
                 self._closed.set()
 
-    def _wait_for_command(self, timeout: float) -> bool:
+    def _wait_for_command(self, timeout: float) -> None:
         self._wake.clear()
-        got = self._wake.wait(timeout)
+        self._wake.wait(timeout)
         self._run_commands()
-        return got
 
     def _run_commands(self) -> None:
         while True:

@@ -18,7 +18,7 @@ class ServeConfig:
     max_queue: int = _f(256, "requests allowed to wait beyond max_num_seqs; more are answered 429")
     shutdown_grace: float = _f(10.0, "seconds in-flight requests get to finish on SIGTERM before they are aborted")
     gather_window: float = _f(1.5, "when requests arrive in bursts, an idle engine waits for the rest of one, up to "
-                              "this times the previous burst's span (at most 0.1 s); 0: never")
+                              "this times the longest recent burst's span (at most 0.1 s); 0: never")
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
