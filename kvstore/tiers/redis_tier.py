@@ -291,16 +291,19 @@ class RedisTier(ByteStoreTier):
                 pool, [rkeys[i] for i in idx], [items[i] for i in idx], self.ttl, self.timeout)
                 for pool, idx in shares])
 
+        def send_by_node(client, items):
+            run([(self._pool(*w), idx) for w, idx in node_shares(client, rkeys).items()], items)
+
         def send(client):
             if self.cluster:
                 items = list(parts)
                 try:
-                    return run([(self._pool(*w), idx) for w, idx in node_shares(client, rkeys).items()], items)
+                    return send_by_node(client, items)
                 except RespError as e:
                     if not slots_moved([str(e)]):
                         raise
                 refresh_slots(client)  # resharded: learn the new map, send again (SET is idempotent)
-                return run([(self._pool(*w), idx) for w, idx in node_shares(client, rkeys).items()], items)
+                return send_by_node(client, items)
             if self.conns == 1:
                 return run_set_batch(self._pool(), rkeys, parts, self.ttl, self.timeout)
             items = list(parts)  # encoded lazily; payloads are still views of the blocks
