@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 import tempfile
@@ -63,7 +64,7 @@ def cuda_ready() -> str | None:
     return None
 
 
-def run_part(result: dict, name: str, fn, *args) -> None:
+def run_part(result: dict, out: str | None, name: str, fn, *args) -> None:
     start = time.perf_counter()
     try:
         result[name] = fn(*args)
@@ -75,6 +76,9 @@ def run_part(result: dict, name: str, fn, *args) -> None:
         sys.modules["torch"].cuda.empty_cache()
     print(f"[gpu_check] {name}: {'ok' if result[name].get('ok', True) else 'FAILED'} "
           f"({result[name]['seconds']} s)", file=sys.stderr, flush=True)
+    if out:  # the parts so far, in case a time limit stops the run before the end
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 def main(argv=None) -> int:
@@ -96,15 +100,15 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     if not args.skip_tests:
-        run_part(result, "tests", parts.run_tests, ROOT, args.tests_timeout)
+        run_part(result, args.out, "tests", parts.run_tests, ROOT, args.tests_timeout)
     workdir = args.workdir or tempfile.mkdtemp(prefix="kvtier-gpu-check-")
     model = os.path.join(workdir, "llama-0.9b")
-    run_part(result, "model", parts.write_model, model)
-    run_part(result, "hf_equality", parts.hf_equality, model, args.tol, args.quick)
-    run_part(result, "decode", parts.decode_attention, args.quick)
-    run_part(result, "tier_save", parts.tier_save_bandwidth, args.quick)
-    run_part(result, "ttft", parts.ttft_from_cpu_tier, model, args.quick)
-    run_part(result, "throughput", parts.offline_throughput, model, args.quick)
+    run_part(result, args.out, "model", parts.write_model, model)
+    run_part(result, args.out, "hf_equality", parts.hf_equality, model, args.tol, args.quick)
+    run_part(result, args.out, "decode", parts.decode_attention, args.quick)
+    run_part(result, args.out, "tier_save", parts.tier_save_bandwidth, args.quick)
+    run_part(result, args.out, "ttft", parts.ttft_from_cpu_tier, model, args.quick)
+    run_part(result, args.out, "throughput", parts.offline_throughput, model, args.quick)
     result["ok"] = all(v.get("ok", True) for v in result.values() if isinstance(v, dict))
     emit(result, args.out)
     return 0 if result["ok"] else 1

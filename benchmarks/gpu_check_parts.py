@@ -249,13 +249,17 @@ def ttft_from_cpu_tier(path: str, quick: bool, device: str = "cuda", prompt_toke
 
         t_cold_a, first = run(a)
         t_cold_b, _ = run(b)
-        llm.engine.connector.flush(30)
-        cleared = llm.reset_prefix_cache()
-        t_hit, hit = run(a)
+        hits = []  # the first load also pays the pinned staging allocation; the second does not
+        for _ in range(2):
+            llm.engine.connector.flush(30)
+            cleared = llm.reset_prefix_cache()
+            hits.append(run(a))
     cold = min(t_cold_a, t_cold_b)
-    loaded = hit.kv_sources.get("cpu", 0)
-    return {"ok": cleared and loaded > 0 and hit.outputs[0].token_ids == first.outputs[0].token_ids,
-            "prompt_tokens": prompt_tokens, "ttft_recompute_ms": round(cold * 1e3, 1),
+    (t_first, _), (t_hit, hit) = hits
+    same = all(h.outputs[0].token_ids == first.outputs[0].token_ids for _, h in hits)
+    loaded = min(h.kv_sources.get("cpu", 0) for _, h in hits)
+    return {"ok": cleared and loaded > 0 and same, "prompt_tokens": prompt_tokens,
+            "ttft_recompute_ms": round(cold * 1e3, 1), "ttft_cpu_tier_first_load_ms": round(t_first * 1e3, 1),
             "ttft_cpu_tier_ms": round(t_hit * 1e3, 1), "speedup": round(cold / t_hit, 2),
             "tokens_from_cpu": loaded, "sources": dict(hit.kv_sources)}
 

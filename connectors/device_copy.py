@@ -45,9 +45,9 @@ class StagingBuffers:
         key = (tuple(pool.shape[1:]), pool.dtype, pool.is_cuda)
         with self._lock:
             free = self._free.setdefault(key, [])
-            buf = next((b for b in free if b.shape[0] >= n), None)
-            if buf is not None:
-                free.remove(buf)
+            # By position: list.remove would compare tensors with ==, elementwise.
+            at = next((i for i, b in enumerate(free) if b.shape[0] >= n), None)
+            buf = free.pop(at) if at is not None else None
         if buf is None:
             size = 1 << max(0, n - 1).bit_length()
             buf = torch.empty((size, *pool.shape[1:]), dtype=pool.dtype, pin_memory=pool.is_cuda)
@@ -58,7 +58,7 @@ class StagingBuffers:
                 free = self._free[key]
                 free.append(buf)
                 if len(free) > _MAX_FREE:
-                    free.remove(min(free, key=lambda b: b.shape[0]))
+                    free.pop(min(range(len(free)), key=lambda i: free[i].shape[0]))
 
 
 def _wait(pool: torch.Tensor) -> None:
@@ -76,6 +76,18 @@ class DeviceBlockMover:
     def __init__(self, copy: BlockCopy):
         self.copy = copy
         self.staging = StagingBuffers()
+
+    def warm_up(self, pools: Sequence[torch.Tensor]) -> None:
+        """Copy block 0 of each pool out to staging and back (an identity) so the kernels
+        compile now, not inside the first load that a request waits on."""
+        for pool in pools:
+            if pool.shape[0] == 0:
+                continue
+            with self.staging.rows(pool, 1) as staged:
+                zero = _ids([0], pool)
+                self.copy.gather(pool, zero, staged)
+                self.copy.scatter(staged, pool, zero)
+                _wait(pool)
 
     def store(self, hierarchy, pool: torch.Tensor, block_ids: Sequence[int], keys: Sequence[BlockKey]) -> None:
         """Gather the blocks into staging in one launch, then hand them to the hierarchy

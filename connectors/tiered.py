@@ -111,6 +111,11 @@ class TieredConnector(KVConnector):
         # CUDA pools: saves and loads through one block-copy launch and pinned staging.
         self._mover = DeviceBlockMover(context.block_copy) if context.block_copy is not None else None
 
+    def register_kv_caches(self, kv_pools) -> None:
+        super().register_kv_caches(kv_pools)
+        if self._mover is not None:
+            self._mover.warm_up(self.kv_pools)
+
     # ---- scheduler side ------------------------------------------------------------
     def lookup(self, request: Request, num_device_tokens: int) -> int | None:
         bs = self.context.block_size

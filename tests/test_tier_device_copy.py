@@ -3,6 +3,7 @@
 loaded, KV groups of different layouts each get their own staging. Without a GPU the triton
 gather / scatter run interpreted on CPU pools; the `gpu` cases run them on CUDA pools with
 pinned staging, and through the engine."""
+import contextlib
 import hashlib
 import random
 
@@ -59,6 +60,50 @@ def run_round_trip(device):
 
 def test_round_trip_through_staging():
     run_round_trip(DEVICE)
+
+
+class CountingCopy(TritonBlockCopy):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def gather(self, pool, block_ids, staging):
+        self.calls.append(("gather", pool.shape))
+        super().gather(pool, block_ids, staging)
+
+    def scatter(self, staging, pool, block_ids):
+        self.calls.append(("scatter", pool.shape))
+        super().scatter(staging, pool, block_ids)
+
+
+def test_warm_up_runs_both_kernels_on_every_pool_and_changes_nothing():
+    """Registering pools compiles the copy kernels (one gather and one scatter per pool),
+    so the first load a request waits on pays no compile; the pools keep their bytes."""
+    ps = pools(DEVICE)
+    before = [p.clone() for p in ps]
+    copy = CountingCopy()
+    DeviceBlockMover(copy).warm_up(ps)
+    assert copy.calls == [(op, p.shape) for p in ps for op in ("gather", "scatter")]
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
+
+
+def test_staging_reuses_a_free_buffer_that_is_not_first_and_keeps_at_most_four():
+    """Two free buffers of one layout: taking the second must not compare tensors (a free
+    list searched with `==` raised here on the first GPU run)."""
+    mover = DeviceBlockMover(TritonBlockCopy())
+    pool = pools(DEVICE)[0]
+    with mover.staging.rows(pool, 1):
+        pass
+    with mover.staging.rows(pool, 4):
+        pass
+    with mover.staging.rows(pool, 3) as again:
+        assert again.shape[0] == 3
+    free = next(iter(mover.staging._free.values()))
+    assert [b.shape[0] for b in free] == [1, 4]
+    with contextlib.ExitStack() as stack:  # five held at once: the smallest is dropped on return
+        for n in (1, 2, 4, 8, 16):
+            stack.enter_context(mover.staging.rows(pool, n))
+    assert sorted(b.shape[0] for b in free) == [4, 4, 8, 16]  # 2 rows came from the free 4
 
 
 def test_block_copy_only_for_cuda():

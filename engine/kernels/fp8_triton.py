@@ -24,8 +24,9 @@ import triton
 import triton.language as tl
 
 from kvtier.engine.kernels._launch import next_pow2, on_device
+from kvtier.kvstore.format.fp8 import FP8_MAX
 
-FP8_MAX = 448.0
+_FP8_MAX = tl.constexpr(FP8_MAX)  # compiled kernels read module globals only as constexpr
 
 
 @triton.jit
@@ -56,7 +57,8 @@ def _e4m3_value(byte):
     m = b & 7
     normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
     val = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
-    return tl.where(((b >> 7) & 1) == 1, -val, val)
+    # The sign as a bit: compiled triton negates as 0 - x, which turns -0.0 into +0.0.
+    return (val.to(tl.int32, bitcast=True) | ((b >> 7) << 31)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -75,9 +77,9 @@ def _quantize_kernel(
     inner = lk * PAGE * stride_slot + s[:, None] * stride_slot + h * HEAD_DIM + d[None, :]
     x = tl.load(src_ptr + block * stride_sb + inner, mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.max(tl.abs(x), 1), 0)
-    scale = tl.math.div_rn(amax, FP8_MAX)
+    scale = tl.math.div_rn(amax, _FP8_MAX)
     scale = tl.where(scale > 0, scale, 1.0)
-    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -_FP8_MAX), _FP8_MAX)
     tl.store(q_ptr + i * stride_qb + inner, _e4m3_bits(y), mask=mask)
     tl.store(scale_ptr + (i * tl.num_programs(1) + lk) * kv_heads + h, scale)
 
@@ -144,7 +146,9 @@ def quantize_blocks_fp8_ref(pool: torch.Tensor, block_ids: torch.Tensor) -> tupl
     """The codec's encode math (kvstore/format/fp8.py), batched over blocks."""
     x = pool.index_select(0, block_ids.long()).float()
     amax = x.abs().amax(dim=(3, 5), keepdim=True)  # over block_size and head_dim
-    scale = amax / FP8_MAX
+    # A tensor divisor: CUDA divides by a Python scalar as a multiply by its reciprocal, which
+    # can differ from the codec's (CPU) quotient in the last bit.
+    scale = amax / torch.full_like(amax, FP8_MAX)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale.squeeze(5).squeeze(3).contiguous()
