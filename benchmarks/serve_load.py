@@ -4,17 +4,22 @@ U users hold multi-turn conversations (token-id prompts through /v1/completions,
 server and the offline engine see exactly the same tokens): each turn appends a user
 message to the history, all users send their turn at once (one thread each, streaming, so
 TTFT and inter-token latency are measured at the client), and the answer is appended for the
-next turn. The offline run sends each turn's prompts as one `LLM.generate` batch and goes
-first; the server's histories append the offline answers' token ids, and its answers' text
-must equal theirs (greedy). Both run
-with and without a CPU tier, `--repeats` times in alternating order (offline first, then
-server first); the ratio is of the median throughputs. Prints JSON.
+next turn. The offline run (a process of its own, as the server is) sends each turn's
+prompts as one `LLM.generate` batch and goes first; the server's histories append the
+offline answers' token ids, and its answers' text must equal theirs (greedy). Streaming
+clients read the events through the OpenAI client's raw response (`--parsed-events`: as the
+SDK's objects). Both run with and without a CPU tier, `--repeats` times in alternating order
+(offline first, then server first); the ratios are of the median throughputs and, per
+repeat, of the pair run back to back (their median is the steadier figure on a noisy
+machine). Prints JSON.
 
-    python benchmarks/serve_load.py [--users 8] [--turns 4] [--repeats 3] [--out F]
+    python benchmarks/serve_load.py [--users 8] [--turns 4] [--repeats 3] [--parsed-events]
+                                    [--stream-interval N] [--out F]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -58,8 +63,32 @@ def run_offline(model: str, args, system, turns, tiers: list[str] | None) -> dic
             "step_seconds": round(step_s, 2), "cpu_seconds": round(cpu, 2), "answers": answers}
 
 
-def _start_server(model: str, tiers: list[str] | None, users: int) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "kvtier", "serve", "--model", model, "--port", "0", "--max-num-seqs", str(users)]
+def run_offline_process(model: str, args, tiers: list[str] | None) -> dict:
+    """run_offline in a process of its own, as the server has: neither side inherits the
+    other's warm allocator and kernel caches."""
+    spec = json.dumps({"model": model, "tiers": tiers, "users": args.users, "turns": args.turns,
+                       "system_tokens": args.system_tokens, "max_tokens": args.max_tokens})
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--offline-child", spec],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"offline run failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _offline_child(spec: str) -> int:
+    from kvtier.engine.model_config import load_model_config
+
+    cfg = json.loads(spec)
+    args = argparse.Namespace(**{k: cfg[k] for k in ("users", "turns", "system_tokens", "max_tokens")})
+    system, turns = _workload(args, load_model_config(cfg["model"]).vocab_size)
+    print(json.dumps(run_offline(cfg["model"], args, system, turns, cfg["tiers"])))
+    return 0
+
+
+def _start_server(model: str, tiers: list[str] | None, stream_interval: int = 1) -> tuple[subprocess.Popen, str]:
+    # Engine settings as offline's LLM(model): the defaults (max_num_seqs included).
+    cmd = [sys.executable, "-m", "kvtier", "serve", "--model", model, "--port", "0",
+           "--stream-interval", str(stream_interval)]
     cmd += [f"--kv-tier={t}" for t in tiers] if tiers else ["--no-kv-tiers"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
@@ -72,7 +101,7 @@ def _start_server(model: str, tiers: list[str] | None, users: int) -> tuple[subp
 def run_server(model: str, args, system, turns, answers, tiers: list[str] | None) -> dict:
     from openai import OpenAI
 
-    proc, url = _start_server(model, tiers, args.users)
+    proc, url = _start_server(model, tiers, args.stream_interval)
     try:
         client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
         histories = [list(system) for _ in range(args.users)]
@@ -89,7 +118,7 @@ def run_server(model: str, args, system, turns, answers, tiers: list[str] | None
             if args.no_stream:  # one response per request: no per-token work on either side
                 done = client.completions.create(**common)
                 text, usage = done.choices[0].text, done.usage
-            else:
+            elif args.parsed_events:  # the SDK's objects for every event: its full per-event cost
                 usage = None
                 for chunk in client.completions.create(**common, stream=True, stream_options={"include_usage": True}):
                     if chunk.choices and chunk.choices[0].text:
@@ -97,12 +126,15 @@ def run_server(model: str, args, system, turns, answers, tiers: list[str] | None
                         text += chunk.choices[0].text
                     if getattr(chunk, "usage", None):
                         usage = chunk.usage
+            else:
+                text, usage = _read_events(client, common, stamps)
+            prompt, completion, hit = _usage_numbers(usage)
             with lock:
                 if stamps:
                     ttft.append(stamps[0] - sent)
                 itl.extend(b - a for a, b in zip(stamps, stamps[1:]))
-                tokens += usage.prompt_tokens + usage.completion_tokens
-                cached += usage.prompt_tokens_details.cached_tokens
+                tokens += prompt + completion
+                cached += hit
                 mismatches += text != expected[u][1]
 
         start, client_cpu, server_cpu = time.perf_counter(), time.process_time(), _cpu_seconds(proc.pid)
@@ -129,6 +161,37 @@ def run_server(model: str, args, system, turns, answers, tiers: list[str] | None
             "ttft_ms_p50": ms(ttft, 0.5) if ttft else None, "ttft_ms_p99": ms(ttft, 0.99) if ttft else None,
             "itl_ms_p50": ms(itl, 0.5) if itl else None, "itl_ms_p99": ms(itl, 0.99) if itl else None,
             "answers_differing_from_offline": mismatches}
+
+
+def _read_events(client, common: dict, stamps: list[float]) -> tuple[str, dict | None]:
+    """A streamed completion read through the OpenAI client's raw response, each event
+    parsed with json.loads: the same requests and bytes as the SDK's objects, at a fraction
+    of the client's CPU, which on a small machine is taken from the server's cores."""
+    text, usage = "", None
+    with client.completions.with_streaming_response.create(
+            **common, stream=True, stream_options={"include_usage": True}) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            if event.get("error"):
+                raise RuntimeError(f"server error: {event['error']}")
+            if event.get("choices") and event["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+                text += event["choices"][0]["text"]
+            if event.get("usage"):
+                usage = event["usage"]
+    return text, usage
+
+
+def _usage_numbers(usage) -> tuple[int, int, int]:
+    """(prompt, completion, cached) tokens of a usage object or dict."""
+    if usage is None:
+        raise RuntimeError("the response carried no usage")
+    if isinstance(usage, dict):
+        return (usage["prompt_tokens"], usage["completion_tokens"],
+                (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+    return usage.prompt_tokens, usage.completion_tokens, usage.prompt_tokens_details.cached_tokens
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -167,11 +230,21 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs per side; figures are medians")
     ap.add_argument("--no-stream", action="store_true",
                     help="non-streaming requests (no TTFT / inter-token figures): the server's cost without SSE")
+    ap.add_argument("--parsed-events", action="store_true",
+                    help="streaming clients build the OpenAI SDK's objects for every event (default: they read "
+                         "the raw event stream through the same client and json.loads each event)")
+    ap.add_argument("--stream-interval", type=int, default=1,
+                    help="the server's --stream-interval: tokens per streamed event after the first")
     ap.add_argument("--configs", default="no_tier,cpu_tier", help="which of no_tier,cpu_tier to run")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--offline-child", help=argparse.SUPPRESS)  # run_offline_process's child
     args = ap.parse_args(argv)
+    if args.offline_child:
+        return _offline_child(args.offline_child)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    if args.stream_interval < 1:
+        ap.error("--stream-interval must be at least 1")
     known = {"no_tier": None, "cpu_tier": ["cpu:1GiB"]}
     names = [c for c in args.configs.split(",") if c]
     if not names or any(c not in known for c in names):
@@ -180,7 +253,9 @@ def main(argv=None) -> int:
     from kvtier.engine.make_model import make_model
     from kvtier.engine.model_config import load_model_config
 
-    result = {"users": args.users, "turns": args.turns, "max_tokens": args.max_tokens, "repeats": args.repeats}
+    result = {"users": args.users, "turns": args.turns, "max_tokens": args.max_tokens, "repeats": args.repeats,
+              "client": "non-streaming" if args.no_stream else "sdk objects" if args.parsed_events else "raw events",
+              "stream_interval": args.stream_interval}
     with tempfile.TemporaryDirectory(prefix="kvtier-serve-load-") as tmp:
         model = args.model or make_model(os.path.join(tmp, "model"), arch="llama", size="small", seed=0)
         system, turns = _workload(args, load_model_config(model).vocab_size)
@@ -191,13 +266,18 @@ def main(argv=None) -> int:
                 # Alternate which side runs first so a slow spell on the machine hits both.
                 for side in (("offline", "server") if r % 2 == 0 else ("server", "offline")):
                     if side == "offline" or answers is None:
-                        offline.append(run_offline(model, args, system, turns, tiers))
+                        offline.append(run_offline_process(model, args, tiers))
                         answers = offline[-1].pop("answers")
                     if side == "server":
                         served.append(run_server(model, args, system, turns, answers, tiers))
+            # Each repeat's pair ran back to back: its ratio cancels the machine's slow drifts,
+            # which here move a side's own throughput by up to a third between repeats.
+            paired = [s["tokens_per_s"] / o["tokens_per_s"] for o, s in zip(offline, served)]
             result[name] = {"offline": _median(offline), "server": _median(served),
                             "server_over_offline": round(statistics.median(s["tokens_per_s"] for s in served)
-                                                         / statistics.median(o["tokens_per_s"] for o in offline), 3)}
+                                                         / statistics.median(o["tokens_per_s"] for o in offline), 3),
+                            "server_over_offline_paired": round(statistics.median(paired), 3),
+                            "paired_ratios": [round(r, 3) for r in paired]}
     return emit(result, args.out)
 
 

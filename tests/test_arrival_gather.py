@@ -39,6 +39,22 @@ def test_a_burst_is_awaited_until_it_is_as_large_as_the_last_one():
     assert gate.deadline() == float("-inf")  # all 4 are here: no more waiting
 
 
+def test_the_quiet_time_counts_from_the_latest_arrival():
+    """A first burst trickling in faster than the lone wait is waited for as a whole, and a
+    burst spreading wider than the last span is too, while requests keep coming."""
+    first = ArrivalGather()
+    for i in range(5):
+        first.arrived(0.002 * i)  # 2 ms apart: each arrival extends the wait
+    assert first.deadline() == pytest.approx(0.008 + LONE_S)
+    gate = ArrivalGather(window=1.5)
+    for i in range(4):  # one burst of 4 over 12 ms
+        gate.arrived(10.0 + 0.004 * i)
+    for i in range(3):  # the next arrives 15 ms apart: 30 ms in, still inside the quiet time
+        gate.arrived(20.0 + 0.015 * i)
+    assert gate.deadline() == pytest.approx(20.03 + 1.5 * 0.012 + LONE_S)
+    assert gate.deadline() > 20.0 + 1.5 * 0.012 + LONE_S  # later than a wait counted from the first
+
+
 def test_the_wait_is_bounded_and_can_be_switched_off():
     gate = ArrivalGather(window=10)
     for i in range(3):

@@ -31,11 +31,12 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    """A server with a 128-block device pool, a CPU tier, 2 running + 1 waiting request at most."""
+    """A server with a 128-block device pool, a CPU tier, 2 running + 1 waiting request at most,
+    streams sending tokens in pairs after the first."""
     cmd = [sys.executable, "-m", "kvtier.engine.cli", "serve", "--model", model_dir, "--port", "0",
            "--served-model-name", MODEL, "--api-key", KEY, "--max-queue", "1", "--max-num-seqs", "2",
            "--kv-tier", "cpu:64MiB", "--kv-cache-memory", "1MiB", "--max-model-len", "1024",
-           "--shutdown-grace", "2"]
+           "--shutdown-grace", "2", "--stream-interval", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     line = proc.stdout.readline()
     match = re.search(r"listening on (http://\S+)", line)
@@ -88,6 +89,12 @@ def test_completions_and_chat_streaming_equals_whole(client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == chat.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.prompt_tokens == chat.usage.prompt_tokens
+
+
+def test_stream_interval_sends_the_first_token_alone_then_pairs(client):
+    chunks = list(client.completions.create(model=MODEL, prompt="hello world", max_tokens=9, temperature=0,
+                                            stream=True, logprobs=1))
+    assert [len(c.choices[0].logprobs.tokens) for c in chunks] == [1, 2, 2, 2, 2]
 
 
 def test_stop_string_cuts_whole_and_streamed_text_alike(client):

@@ -43,6 +43,7 @@ class _Tracked:
     stream: asyncio.Queue
     detok: object
     holdback: int  # chars withheld: a stop string may still complete and cut them
+    interval: int = 1  # tokens per delta after the first; 0: the final chunk only
     sent_tokens: int = 0
     sent_text: str = ""
     pending_text: str = ""  # decoded but withheld
@@ -81,15 +82,19 @@ class AsyncEngine:
         self._wake.set()
         return await fut
 
-    async def generate(self, prompt, params: SamplingParams, request_id: str):
-        """Submit a request, then yield its StreamChunks; closing the generator early (the
-        client went away) aborts the request, which frees its blocks in the next step."""
+    async def generate(self, prompt, params: SamplingParams, request_id: str, stream_interval: int = 1):
+        """Submit a request, then yield its StreamChunks: the first token as soon as it is
+        made, then every `stream_interval` tokens, and the end (0: the end only, for a
+        client that waits for the whole answer). Closing the generator early (the client
+        went away) aborts the request, which frees its blocks in the next step."""
+        if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 0:
+            raise ValueError(f"stream_interval: must be an integer >= 0, got {stream_interval!r}")
         stream: asyncio.Queue = asyncio.Queue()
         self.num_unfinished += 1
         finished = False
         at = time.monotonic()
         try:
-            await self.call(lambda eng: self._add(eng, prompt, params, request_id, stream, at))
+            await self.call(lambda eng: self._add(eng, prompt, params, request_id, stream, at, stream_interval))
             while True:
                 chunk = await stream.get()
                 yield chunk
@@ -116,13 +121,13 @@ class AsyncEngine:
         await asyncio.get_running_loop().run_in_executor(None, self._closed.wait, grace_s + 30)
 
     # ---- loop-thread side ---------------------------------------------------------------
-    def _add(self, eng: Engine, prompt, params, request_id, stream, at: float) -> None:
+    def _add(self, eng: Engine, prompt, params, request_id, stream, at: float, interval: int) -> None:
         req = eng.add_request(prompt, params, request_id)
         self.gather.arrived(at)
         stops = params.stop or []
         holdback = max((len(s) for s in stops), default=1) - 1
         self._tracked[req.request_id] = _Tracked(stream, self.tokenizer.detokenizer(req.prompt_token_ids),
-                                                 holdback)
+                                                 holdback, interval)
 
     def _abort(self, eng: Engine, request_id: str) -> None:
         eng.abort(request_id)
@@ -184,7 +189,7 @@ class AsyncEngine:
         batch = []
         for rid, tracked in self._tracked.items():
             req = self.engine.requests.get(rid)
-            if req is not None and len(req.output_token_ids) > tracked.sent_tokens:
+            if req is not None and _due(tracked, len(req.output_token_ids)):
                 batch.append((tracked.stream, self._delta(tracked, req.output_token_ids, req.logprobs)))
         for out in outputs:
             tracked = self._tracked.pop(out.request_id, None)
@@ -211,6 +216,14 @@ class AsyncEngine:
             text, tracked.pending_text = tracked.pending_text[:max(keep, 0)], tracked.pending_text[max(keep, 0):]
         tracked.sent_text += text
         return StreamChunk(text, new_ids, new_lp)
+
+
+def _due(tracked: _Tracked, num_tokens: int) -> bool:
+    """Whether a request's unsent tokens go out now (its end always does, separately)."""
+    gained = num_tokens - tracked.sent_tokens
+    if gained <= 0 or tracked.interval == 0:
+        return False
+    return tracked.sent_tokens == 0 or gained >= tracked.interval
 
 
 def _deliver(batch: list[tuple[asyncio.Queue, StreamChunk]]) -> None:

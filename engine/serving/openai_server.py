@@ -28,7 +28,7 @@ _OPEN_PATHS = ("/health", "/metrics")
 
 
 def create_app(engine: AsyncEngine, model_name: str, template: ChatTemplate, api_key: str | None = None,
-               max_queue: int = 256, lifespan=None) -> FastAPI:
+               max_queue: int = 256, lifespan=None, stream_interval: int = 1) -> FastAPI:
     app = FastAPI(title="kvtier", lifespan=lifespan)
     turns = TurnTokens()
     created = int(time.time())
@@ -129,23 +129,29 @@ def create_app(engine: AsyncEngine, model_name: str, template: ChatTemplate, api
                            headers={"Retry-After": "1"})
         rid = f"{builder.prefix}-{uuid.uuid4().hex}"
         prompt = {"prompt_token_ids": ids, "cache_salt": gen.cache_salt}
-        chunks = engine.generate(prompt, gen.params, rid)
-        try:
-            first = await chunks.__anext__()  # admission: a bad request fails here, as a 400
-        except ValueError as e:
-            raise ApiError(str(e)) from None
-        if gen.stream:
-            return StreamingResponse(_sse(builder, first, chunks, len(ids), gen.include_usage, on_finish),
-                                     media_type="text/event-stream")
-        return await _collect(request, builder, first, chunks, len(ids), on_finish)
+        # A whole response is built from the final output: no per-step deltas for it.
+        chunks = engine.generate(prompt, gen.params, rid, stream_interval if gen.stream else 0)
+        if not gen.stream:
+            return await _collect(request, builder, chunks, len(ids), on_finish)
+        first = await _admitted(chunks)
+        return StreamingResponse(_sse(builder, first, chunks, len(ids), gen.include_usage, on_finish),
+                                 media_type="text/event-stream")
 
     return app
 
 
-async def _collect(request: Request, builder, first, chunks, num_prompt: int, on_finish):
+async def _admitted(chunks):
+    """The first chunk; a request the engine refuses (bad input) fails here, as a 400."""
+    try:
+        return await chunks.__anext__()
+    except ValueError as e:
+        raise ApiError(str(e)) from None
+
+
+async def _collect(request: Request, builder, chunks, num_prompt: int, on_finish):
     """Non-streaming: wait for the end, aborting if the client disconnects meanwhile."""
     async def drain():
-        chunk = first
+        chunk = await _admitted(chunks)  # the only chunk: no per-step deltas were asked for
         while chunk.output is None and chunk.error is None:
             builder.add(chunk)
             chunk = await chunks.__anext__()

@@ -41,7 +41,8 @@ def run_serve(config, serve, log_level: str = "warning") -> int:
         await engine.shutdown(serve.shutdown_grace)  # abort what is left, close (flush) the tiers
 
     app = create_app(engine, serve.served_model_name or config.model, template,
-                     api_key=serve.api_key or None, max_queue=serve.max_queue, lifespan=lifespan)
+                     api_key=serve.api_key or None, max_queue=serve.max_queue, lifespan=lifespan,
+                     stream_interval=serve.stream_interval)
     family = socket.AF_INET6 if ":" in serve.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
