@@ -150,15 +150,9 @@ async def _admitted(chunks):
 
 async def _collect(request: Request, builder, chunks, num_prompt: int, on_finish):
     """Non-streaming: wait for the end, aborting if the client disconnects meanwhile."""
-    async def drain():
-        chunk = await _admitted(chunks)  # the only chunk: no per-step deltas were asked for
-        while chunk.output is None and chunk.error is None:
-            builder.add(chunk)
-            chunk = await chunks.__anext__()
-        builder.add(chunk)
-        return chunk
-
-    task = asyncio.ensure_future(drain())
+    # The end is the only chunk (no per-step deltas were asked for); the response is built
+    # from its output.
+    task = asyncio.ensure_future(_admitted(chunks))
     try:
         while not task.done():
             await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
