@@ -4,6 +4,12 @@ The Engine is not thread-safe, so nothing else touches it: the event loop hands 
 loop thread as commands (add, abort, run a function) and gets results back through futures
 and per-request asyncio queues. After every step the loop thread publishes, for each live
 request, the tokens it gained since the last step and the text they complete.
+
+Given a factory, the loop thread also builds the Engine. Each thread that runs a parallel
+torch op gets its own OpenMP team, and once a process holds more OpenMP threads than cores
+libgomp cuts every team's spin at barriers from GOMP_SPINCOUNT to 100: a model loaded on the
+main thread and run on the loop thread made the server's forward passes 5-15% slower than
+the same passes offline (README, "kvtier serve under load").
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from kvtier.engine.engine_core import Engine
 from kvtier.engine.outputs import RequestOutput
@@ -51,29 +58,39 @@ class _Tracked:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, gather_window: float = 1.5):
-        """gather_window: how long an idle engine waits for requests arriving together
-        (arrival_gather.py); 0 starts every step at once."""
-        self.engine = engine
+    def __init__(self, engine: Engine | Callable[[], Engine], gather_window: float = 1.5):
+        """engine: an Engine, or a function that builds one, called on the loop thread (the
+        better choice: the process then keeps one OpenMP team, see above); its exception is
+        raised here. gather_window: how long an idle engine waits for requests arriving
+        together (arrival_gather.py); 0 starts every step at once. The loop runs from here
+        on; start() attaches it to the event loop, shutdown() or close() ends it."""
         self.gather = ArrivalGather(gather_window)
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
-        self.max_num_seqs = engine.config.max_num_seqs
-        self.num_unfinished = 0  # event-loop side: requests submitted and not yet ended
-        self.num_aborted = 0  # loop-thread side: requests that ended aborted (client gone, shutdown)
-        self.faults = FaultLog(log)  # engine steps that raised: counted by kind, logged rate-limited
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._tracked: dict[str, _Tracked] = {}
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=self._run, name="kvtier-engine-loop", daemon=True)
         self._closed = threading.Event()
+        self.num_unfinished = 0  # event-loop side: requests submitted and not yet ended
+        self.num_aborted = 0  # loop-thread side: requests that ended aborted (client gone, shutdown)
+        self.faults = FaultLog(log)  # engine steps that raised: counted by kind, logged rate-limited
+        self.engine = engine if isinstance(engine, Engine) else None
+        failed: list[BaseException] = []
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(engine, failed, ready), name="kvtier-engine-loop",
+                                        daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failed:
+            raise failed[0]
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.max_num_seqs = self.engine.config.max_num_seqs
 
     # ---- event-loop side --------------------------------------------------------------
     def start(self) -> None:
+        """Attach to the running event loop: requests can come from here on."""
         self._loop = asyncio.get_running_loop()
-        self._thread.start()
 
     async def call(self, fn):
         """Run fn(engine) on the loop thread and return its result (or raise its exception)."""
@@ -116,9 +133,14 @@ class AsyncEngine:
         deadline = time.monotonic() + grace_s
         while self.num_unfinished and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        await asyncio.get_running_loop().run_in_executor(None, self.close, grace_s + 30)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Abort what is left and close the engine (its tiers flush); for an engine never
+        started too. Safe to call twice."""
         self._stopping = True
         self._wake.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._closed.wait, grace_s + 30)
+        self._closed.wait(timeout_s)
 
     # ---- loop-thread side ---------------------------------------------------------------
     def _add(self, eng: Engine, prompt, params, request_id, stream, at: float, interval: int) -> None:
@@ -135,7 +157,16 @@ class AsyncEngine:
     def _send(self, tracked: _Tracked, chunk: StreamChunk) -> None:
         self._loop.call_soon_threadsafe(tracked.stream.put_nowait, chunk)
 
-    def _run(self) -> None:
+    def _run(self, make_engine, failed: list, ready: threading.Event) -> None:
+        try:
+            if self.engine is None:
+                self.engine = make_engine()
+        except BaseException as e:  # a bad model dir or tier: the constructor raises it
+            failed.append(e)
+            self._closed.set()
+            return
+        finally:
+            ready.set()
         try:
             while not (self._stopping and not self._tracked):
                 if self._stopping:
