@@ -44,6 +44,7 @@ from kvtier.connectors.device_copy import DeviceBlockMover
 from kvtier.connectors.remote_lookup import LookupBudget, RemoteLookups
 from kvtier.kvstore.faults import FaultLog
 from kvtier.kvstore.hierarchy import TierHierarchy
+from kvtier.kvstore.serial_torch import serial_torch_thread
 from kvtier.kvstore.tiers.base import Tier
 from kvtier.kvstore.tiers.spec import build_tier
 
@@ -105,7 +106,8 @@ class TieredConnector(KVConnector):
         self._meta = ConnectorMetadata()
         # Several loaders: a load stuck on a frozen remote store (until that store's own
         # timeout) must not hold up other requests' loads from healthy tiers.
-        self._loader = cf.ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="kvtier-load")
+        self._loader = cf.ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="kvtier-load",
+                                             initializer=serial_torch_thread)
         self._loads: dict[str, tuple[cf.Future, int]] = {}  # request id -> (load, its blocks)
         self.num_crashed_loads = 0
         # CUDA pools: saves and loads through one block-copy launch and pinned staging.

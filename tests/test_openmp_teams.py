@@ -50,23 +50,48 @@ print(asyncio.run(main()))
 
 
 # Runs in a fresh process: native threads (all threads but Python's own: OpenMP workers
-# above all) after a first generate, then after a second one served from the CPU tier.
+# above all) once the main thread has its team, then after a generate that writes to the tier
+# and one served from it (loads on loader threads).
 _LOADS_CHILD = """
 import os, sys, threading
 import torch
 torch.set_num_threads(2)
 from kvtier import LLM, SamplingParams
 
-llm = LLM(sys.argv[1], kv_tiers=["cpu:64MiB"])
+llm = LLM(sys.argv[1], kv_tiers=[sys.argv[2]])
+torch.ones(1 << 20).mul_(2)  # the main thread's own team, from here on
+native = lambda: len(os.listdir("/proc/self/task")) - threading.active_count()
+before = native()
 params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
 prompts = [{"prompt_token_ids": [3 + (i * 11 + j) % 200 for j in range(160)]} for i in range(4)]
-native = lambda: len(os.listdir("/proc/self/task")) - threading.active_count()
 llm.generate(prompts, params, use_tqdm=False)
-before = native()
+llm.engine.connector.flush()
 llm.reset_prefix_cache()
 outs = llm.generate(prompts, params, use_tqdm=False)
-loaded = sum(o.kv_sources.get("cpu", 0) for o in outs)
+loaded = sum(n for o in outs for source, n in o.kv_sources.items() if source not in ("device", "computed"))
 print(before, native(), loaded)
+"""
+
+# Runs in a fresh process: torch's thread count in a helper thread made serial, in the main
+# thread after that, and in a thread started after that.
+_SERIAL_CHILD = """
+import threading
+import torch
+torch.set_num_threads(2)
+from kvtier.kvstore.serial_torch import serial_torch_thread
+
+seen = []
+def helper():
+    serial_torch_thread()
+    torch.ones(1 << 20).mul_(2)
+    seen.append(torch.get_num_threads())
+def later():
+    seen.append(torch.get_num_threads())
+for target in (helper, later):
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+print(seen[0], torch.get_num_threads(), seen[1])
 """
 
 
@@ -96,11 +121,20 @@ def small_model_dir(tmp_path_factory):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads through /proc")
-def test_tier_loads_start_no_openmp_team(small_model_dir):
-    before, after, loaded = _run_child(_LOADS_CHILD, small_model_dir)
+@pytest.mark.parametrize("tier", ["cpu:64MiB", "lmdb:{tmp}?size=256MiB&codec=fp8"])
+def test_tier_writes_and_loads_start_no_openmp_team(small_model_dir, tmp_path, tier):
+    before, after, loaded = _run_child(_LOADS_CHILD, small_model_dir, tier.format(tmp=tmp_path / "lmdb"))
     assert loaded > 0  # the second generate did load from the tier, on loader threads
-    # torch.copy_ of a block on a loader thread would add one OpenMP worker per loader thread.
+    # A block's copy_ or fp8 decode on a loader thread, or an fp8 encode on the writer
+    # thread, would each add an OpenMP worker.
     assert after == before, (before, after)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP runtime is found through /proc")
+def test_serial_torch_thread_changes_its_own_thread_only():
+    helper, main, later = _run_child(_SERIAL_CHILD)
+    # torch.set_num_threads(1) in the helper would have made the later thread serial too.
+    assert (helper, main, later) == (1, 2, 2)
 
 
 def test_the_factory_runs_on_the_loop_thread_and_its_error_is_raised(model_dir):

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kvtier.kvstore.serial_torch import serial_torch_thread
+
 DEFAULT_QUEUE_BYTES = 256 << 20
 DEFAULT_BATCH_BYTES = 64 << 20  # one write transaction; bounds the pages a batch can pin
 
@@ -115,6 +117,7 @@ class BackgroundWriter:
             return batch
 
     def _run(self) -> None:
+        serial_torch_thread()  # an fp8 encode here must not start an OpenMP team
         while True:
             batch = self._take_batch()
             if batch is None:

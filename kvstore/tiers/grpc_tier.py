@@ -34,6 +34,7 @@ from kvtier.kvstore.tiers.byte_store import ByteStoreTier, StoreUnavailable
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
 from kvtier.kvstore.service.client import KVServerClient
 from kvtier.kvstore.keys import BlockKey
+from kvtier.kvstore.serial_torch import serial_torch_thread
 from kvtier.kvstore.service.bulk_client import BulkClient
 from kvtier.kvstore.service.protocol import BULK_TRANSFER_OPTIONS
 from kvtier.kvstore.service.rendezvous import Rendezvous
@@ -123,7 +124,7 @@ class GrpcTier(ByteStoreTier):
         self._in_flight = [0] * len(self._servers)
         self._in_flight_lock = threading.Lock()
         # One thread per server: a batch touching every server waits for the slowest only.
-        self._pool = ThreadPoolExecutor(len(servers), "kvtier-grpc") if len(servers) > 1 else None
+        self._pool = ThreadPoolExecutor(len(servers), "kvtier-grpc", initializer=serial_torch_thread) if len(servers) > 1 else None
 
     @classmethod
     def from_spec(cls, spec, layouts=None) -> "GrpcTier":

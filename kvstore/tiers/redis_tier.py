@@ -49,6 +49,7 @@ from redis.retry import Retry
 from kvtier.kvstore.circuit_breaker import CircuitBreaker
 from kvtier.kvstore.format.codec import key_digest
 from kvtier.kvstore.keys import BlockKey
+from kvtier.kvstore.serial_torch import serial_torch_thread
 from kvtier.kvstore.tiers.byte_store import ByteStoreTier, StoreUnavailable
 from kvtier.kvstore.tiers.redis_batches import (GetBatch, run_all, run_exists_batch, run_get_batch,
                                                    run_set_batch, split)
@@ -191,7 +192,8 @@ class RedisTier(ByteStoreTier):
         if len(tasks) > 1 and self._executor is None:
             with self._client_lock:
                 if self._executor is None:
-                    self._executor = ThreadPoolExecutor(max(self.conns, 8) - 1, thread_name_prefix="kvtier-redis")
+                    self._executor = ThreadPoolExecutor(max(self.conns, 8) - 1, thread_name_prefix="kvtier-redis",
+                                                        initializer=serial_torch_thread)
         return run_all(self._executor, tasks)
 
     # --- raw byte-store operations ----------------------------------------------------
