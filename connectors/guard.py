@@ -12,7 +12,9 @@ request, a batch, a device block or a spinning engine loop.
 - request_blocks_saved, blocks_evicted, save: an exception is counted and logged
   (rate-limited per kind), and the step goes on.
 - on_request_finished: an exception means "do not hold the blocks"; close: counted.
-- A load not reported within `load_timeout_s` fails (recompute); a late report is ignored.
+- A load not reported within `load_timeout_s` fails: its request recomputes in other blocks
+  and asks the connector nothing more. The connector may still be writing into the load's
+  blocks, so they stay out of use until it reports the load; that late report frees them.
 - get_finished(wait=True) never returns at once with nothing to report: a connector that
   ignores `wait` is paced by a short sleep, so an idle engine loop does not spin.
 A finished load that names no `sources` is credited to `name` (engine/kv_loads.py).
@@ -52,6 +54,8 @@ class ConnectorGuard:
         self._unbuilt: list[str] = []  # loads announced since the last build_metadata
         self._last_built: list[str] = []  # loads the last built metadata carries
         self._failed: dict[str, LoadResult] = {}  # loads failed here, reported next get_finished
+        self._unsettled: set[str] = set()  # timed out here; the connector may still write their blocks
+        self._settled_late: list[str] = []  # unsettled loads the connector has reported since
         self.num_clamped_lookups = 0
         self.num_load_timeouts = 0
         self.num_failed_loads = 0
@@ -162,8 +166,11 @@ class ConnectorGuard:
             got = ConnectorOutput()
         out = ConnectorOutput(finished_saves=set(got.finished_saves))
         for rid, result in got.finished_loads.items():
-            if self._pending.pop(rid, None) is None:
-                continue  # failed or timed out here already: its blocks were taken back
+            if self._pending.pop(rid, None) is None:  # failed or timed out here already
+                if rid in self._unsettled:  # done writing: its blocks can be reused
+                    self._unsettled.remove(rid)
+                    self._settled_late.append(rid)
+                continue
             out.finished_loads[rid] = result
         now = self._clock()
         late = [rid for rid, (deadline, _) in self._pending.items() if now >= deadline]
@@ -171,6 +178,7 @@ class ConnectorGuard:
             self.num_load_timeouts += len(late)
             self._fault("load_timeout", TimeoutError(
                 f"{len(late)} load(s) not reported within kv_load_timeout_s={self.load_timeout_s}"))
+            self._unsettled.update(late)
             self._fail(late)
         out.finished_loads.update(self._failed)
         self._failed = {}
@@ -178,10 +186,20 @@ class ConnectorGuard:
             time.sleep(IDLE_PACE_S)  # the connector ignored `wait`: do not let the loop spin
         return out
 
+    def timed_out(self, request_id: str) -> bool:
+        """Whether this failed load timed out: the connector may still write into its blocks."""
+        return request_id in self._unsettled
+
+    def take_settled_late(self) -> list[str]:
+        """Timed-out loads the connector has reported since the last call: their blocks are free to reuse."""
+        settled, self._settled_late = self._settled_late, []
+        return settled
+
     def stats(self) -> dict:
         faults = self.faults.counts()
         return {"errors": sum(faults.values()), "faults": faults, "failed_loads": self.num_failed_loads,
-                "load_timeouts": self.num_load_timeouts, "clamped_lookups": self.num_clamped_lookups}
+                "load_timeouts": self.num_load_timeouts, "unsettled_loads": len(self._unsettled),
+                "clamped_lookups": self.num_clamped_lookups}
 
     def close(self) -> None:
         try:

@@ -13,6 +13,7 @@ all groups key their blocks by the same chained hash at the same position.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from kvtier.connectors.base import LoadResult
@@ -35,6 +36,8 @@ class KVLoads:
         # request id -> (request, device resume point, resume point once loaded)
         self.loading: dict[str, tuple[Request, int, int]] = {}
         self._pending: dict[bytes, int] = {}  # hash of a block being loaded -> loads of it
+        # request id of a timed-out load -> the stand-in holding its blocks until it reports
+        self.unsettled: dict[str, Request] = {}
         self.num_shared_waits = 0  # times a request waited for another's load instead of loading
 
     def __bool__(self) -> bool:
@@ -66,6 +69,39 @@ class KVLoads:
         block_ids = self.kv.load_block_ids(req, device_tokens, resume_tokens)
         self.connector.on_allocated(req, block_ids, num_external)
 
+    def time_out(self, request_id: str) -> Request | None:
+        """A load the connector did not report in time. It may still be writing into the
+        load's blocks, so a stand-in takes over every block the request holds until the
+        connector reports the load (settle_late). Returns the request, to recompute in new
+        blocks; None for an unknown id, a request that ended meanwhile, or a prefetch."""
+        entry = self.loading.pop(request_id, None)
+        if entry is None:
+            return None
+        self._unpend(*entry)
+        req = entry[0]
+        stand_in = copy.copy(req)
+        stand_in.request_id = f"{request_id}#timed-out-load"
+        self.kv.transfer(req, stand_in)
+        self.unsettled[request_id] = stand_in
+        if req.is_finished or req.prefetch_only:
+            return None
+        req.num_computed_tokens = 0
+        req.load_timed_out = True
+        return req
+
+    def settle_late(self, request_ids) -> None:
+        """The connector reported these timed-out loads at last: their blocks are free to reuse."""
+        for rid in request_ids:
+            stand_in = self.unsettled.pop(rid, None)
+            if stand_in is not None:
+                self.kv.free(stand_in)
+
+    def _unpend(self, req: Request, device_tokens: int, resume_tokens: int) -> None:
+        for h in self._hashes(req, device_tokens, resume_tokens):
+            n = self._pending.pop(h, 0) - 1
+            if n > 0:
+                self._pending[h] = n
+
     def land(self, request_id: str, result: LoadResult) -> LandedLoad | None:
         """The connector reported a load: publish the blocks that loaded intact and set the
         request's resume point. None for an unknown id (a late or repeated report)."""
@@ -73,10 +109,7 @@ class KVLoads:
         if entry is None:
             return None
         req, device_tokens, resume_tokens = entry
-        for h in self._hashes(req, device_tokens, resume_tokens):
-            n = self._pending.pop(h, 0) - 1
-            if n > 0:
-                self._pending[h] = n
+        self._unpend(req, device_tokens, resume_tokens)
         loaded = self.kv.loaded_tokens(device_tokens, resume_tokens, result)
         if req.is_finished or req.prefetch_only:  # aborted while loading, or only a prefetch
             if req.prefetch_only:

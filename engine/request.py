@@ -59,6 +59,7 @@ class Request:
     resumed_tokens: int = 0  # a resumed turn: length of the parked sequence it continues
     deterministic: bool = False  # batch-invariant kernels serve it (engine/determinism.py)
     prefetch_only: bool = False  # only load this prefix from the tiers onto the device, run nothing
+    load_timed_out: bool = False  # its load timed out: it recomputes, asking the connector nothing more
 
     def __post_init__(self):
         if self.priority < 0:

@@ -166,7 +166,8 @@ class Scheduler:
             if self.loads and self.loads.waits_for_shared(req, num_hit_tokens):
                 skipped += 1  # its next block is being loaded for another request: wait for it
                 continue
-            num_external = self.connector.lookup(req, num_hit_tokens) if self.connector else 0
+            num_external = self.connector.lookup(req, num_hit_tokens) \
+                if self.connector and not req.load_timed_out else 0
             if num_external is None:
                 skipped += 1
                 continue
@@ -232,6 +233,13 @@ class Scheduler:
     def on_connector_output(self, output: ConnectorOutput) -> None:
         """Loads that ended: run each request from its first block that did not load intact."""
         for rid, result in output.finished_loads.items():
+            if self.connector.timed_out(rid):  # recompute in other blocks: the load may still write its own
+                self.num_load_failures += result.num_blocks
+                req = self.loads.time_out(rid)
+                if req is not None:
+                    req.status = RequestStatus.WAITING
+                    self.waiting.appendleft(req)
+                continue
             landed = self.loads.land(rid, result)
             if landed is None:
                 continue
@@ -240,6 +248,7 @@ class Scheduler:
             self._record_admission(req, req.num_computed_tokens, self.loads.sources(landed))
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+        self.loads.settle_late(self.connector.take_settled_late())
         for rid in output.finished_saves:
             req = self.held.pop(rid, None)
             if req is not None:

@@ -1,7 +1,8 @@
 """The engine contains a faulty connector (connectors/guard.py): a plugin that raises in any
 method, over-offers in lookup or never reports a load costs recomputation only. Outputs
-equal a run without a connector, every device block is free again afterwards, the fault is
-counted, and a load that never reports neither hangs nor spins the engine loop."""
+equal a run without a connector, every device block is free again afterwards (but those of
+a timed-out load, until the connector reports it), the fault is counted, and a load that
+never reports neither hangs nor spins the engine loop."""
 import pathlib
 import random
 import time
@@ -48,10 +49,17 @@ def _two_runs(model, connector, config=None, timeout_s=0.3):
     return llm, llm.generate(model["prompts"], PARAMS, use_tqdm=False)
 
 
-def _assert_no_block_held(llm):
-    stats = llm.engine.kv.stats()
-    assert stats["free_blocks"] == stats["blocks"], "a device block leaked"
-    assert not llm.engine.scheduler.loading and not llm.engine.scheduler.held
+def _assert_no_block_held(llm, unsettled: int = 0):
+    """Every device block is free, but those of `unsettled` timed-out loads the connector has
+    not reported: it may still write into them, so they stay out of use."""
+    kv, scheduler = llm.engine.kv, llm.engine.scheduler
+    stand_ins = scheduler.loads.unsettled.values()
+    assert len(stand_ins) == unsettled == llm.kv_stats()["connector_calls"]["unsettled_loads"]
+    held = sum(sum(kv.num_held_blocks(s.request_id)) for s in stand_ins)
+    assert (unsettled == 0) == (held == 0), "an unsettled load holds its blocks"
+    stats = kv.stats()
+    assert stats["free_blocks"] == stats["blocks"] - held, "a device block leaked"
+    assert not scheduler.loading and not scheduler.held
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -60,7 +68,8 @@ def test_a_plugin_raising_in_any_method_costs_only_recomputation(model, method):
     with llm:
         assert llm.engine.connector.raised > 0, "the fault was injected"
         assert _tokens(outs) == model["reference"]
-        _assert_no_block_held(llm)
+        # A get_finished that always raises never reports the loads: they time out unsettled.
+        _assert_no_block_held(llm, unsettled=len(LENGTHS) if method == "get_finished" else 0)
         faults = llm.kv_stats()["connector_calls"]["faults"]
         assert any(kind.startswith(f"connector.{method}") for kind in faults), faults
         if method in ("on_allocated", "build_metadata", "start_load", "get_finished"):
@@ -85,10 +94,39 @@ def test_a_load_that_never_reports_times_out_without_spinning(model):
         connector = llm.engine.connector
         assert connector.num_loaded_blocks > 0, "loads were started and left hanging"
         assert _tokens(outs) == model["reference"]
-        _assert_no_block_held(llm)
+        _assert_no_block_held(llm, unsettled=len(LENGTHS))
         assert llm.kv_stats()["connector_calls"]["load_timeouts"] == len(LENGTHS)
         # An idle loop that spun would ask tens of thousands of times per second.
         assert connector.get_finished_calls < 400 * elapsed, (connector.get_finished_calls, elapsed)
+
+
+def test_a_load_that_reports_after_its_timeout_writes_into_no_block_in_use(model):
+    """The engine gave up on the load and recomputed; the connector's late writes land in
+    blocks kept out of use until it reports, never in blocks a request computes into."""
+    llm, _ = _two_runs(model, "kvtier_faulty_plugin:LateWriter", timeout_s=0.2)
+    with llm:
+        engine, connector = llm.engine, llm.engine.connector
+        # The second run's loads timed out (and recomputed): their blocks are still held.
+        assert llm.kv_stats()["connector_calls"]["unsettled_loads"] == len(LENGTHS)
+        assert not engine.reset_prefix_cache()
+        assert connector.write_late() == len(LENGTHS)
+        engine.step()  # their late reports free their blocks
+        assert llm.kv_stats()["connector_calls"]["unsettled_loads"] == 0
+        _assert_no_block_held(llm)
+        assert engine.reset_prefix_cache()
+
+        req = engine.add_request(model["prompts"][-1], PARAMS)
+        deadline = time.monotonic() + 30
+        while len(req.output_token_ids) < 2 and time.monotonic() < deadline:  # timed out, recomputed, decoding
+            engine.step()
+            time.sleep(0.005)
+        assert connector.write_late() == 1
+        done = []
+        while not done and time.monotonic() < deadline:
+            done = engine.step()
+        assert done[0].outputs[0].token_ids == model["reference"][-1]
+        assert llm.kv_stats()["connector_calls"]["load_timeouts"] == len(LENGTHS) + 1
+        _assert_no_block_held(llm)  # the late report came with the last steps
 
 
 @pytest.mark.parametrize("offer", ["all", "ragged"])

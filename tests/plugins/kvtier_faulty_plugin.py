@@ -4,6 +4,8 @@ BrokenConnector: a DictConnector whose method config["break"] raises RuntimeErro
 matters: the load-side methods only while a load is involved (so the first run still
 stores blocks), the others on every call. NeverReports: loads are accepted and never
 reported. CountingConnector: counts the blocks it loads per key and the get_finished calls.
+LateWriter: holds its loads until the test calls write_late(), then writes junk into
+their blocks and reports them (a transfer that ends after the engine gave up on it).
 Offering: lookup offers config["offer"] ("all": every token beyond the device hit, the
 last one included; "ragged": three tokens short of whole blocks; "junk": not a number).
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kvtier.connectors.base import ConnectorOutput
+from kvtier.connectors.base import ConnectorOutput, LoadResult
 from kvtier_test_plugin import DictConnector
 
 
@@ -100,3 +102,28 @@ class Offering(DictConnector):
         if self.config["offer"] == "junk":
             return "all of it"
         return beyond if self.config["offer"] == "all" else beyond - beyond % self.context.block_size - 3
+
+
+class LateWriter(NeverReports):
+    """Holds every load; write_late() fills its blocks with junk and reports it done."""
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.held_loads = []
+
+    def start_load(self, meta):
+        super().start_load(meta)
+        self.held_loads += meta.loads
+
+    def write_late(self) -> int:
+        for spec in self.held_loads:
+            for b, key in zip(spec.block_ids, spec.keys):
+                self.kv_pools[key.group][b].fill_(1e4)
+            self.finished[spec.request_id] = LoadResult(len(spec.keys), len(spec.keys))
+        written, self.held_loads = len(self.held_loads), []
+        return written
+
+    def get_finished(self, wait=False):
+        out = ConnectorOutput(finished_loads=self.finished)
+        self.finished = {}
+        return out
