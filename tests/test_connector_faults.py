@@ -20,14 +20,24 @@ METHODS = ["lookup", "on_allocated", "request_blocks_saved", "build_metadata", "
            "get_finished", "on_request_finished"]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = make_variant(tmp_path_factory.mktemp("llama"), "llama")
+def _model(tmp_path_factory, variant: str) -> dict:
+    path = make_variant(tmp_path_factory.mktemp(variant), variant)
     rng = random.Random(13)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 500) for _ in range(n)]} for n in LENGTHS]
     with LLM(path) as llm:
         reference = _tokens(llm.generate(prompts, PARAMS, use_tqdm=False))
     return dict(path=path, prompts=prompts, reference=reference)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return _model(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3_sliding", "granite_hybrid"])
+def any_model(request, tmp_path_factory):
+    """Dense, sliding-window and SSM KV groups: a timed-out load's stand-in takes all of them."""
+    return _model(tmp_path_factory, request.param)
 
 
 @pytest.fixture(autouse=True)
@@ -100,10 +110,10 @@ def test_a_load_that_never_reports_times_out_without_spinning(model):
         assert connector.get_finished_calls < 400 * elapsed, (connector.get_finished_calls, elapsed)
 
 
-def test_a_load_that_reports_after_its_timeout_writes_into_no_block_in_use(model):
+def test_a_load_that_reports_after_its_timeout_writes_into_no_block_in_use(any_model):
     """The engine gave up on the load and recomputed; the connector's late writes land in
     blocks kept out of use until it reports, never in blocks a request computes into."""
-    llm, _ = _two_runs(model, "kvtier_faulty_plugin:LateWriter", timeout_s=0.2)
+    llm, _ = _two_runs(any_model, "kvtier_faulty_plugin:LateWriter", timeout_s=0.2)
     with llm:
         engine, connector = llm.engine, llm.engine.connector
         # The second run's loads timed out (and recomputed): their blocks are still held.
@@ -115,7 +125,7 @@ def test_a_load_that_reports_after_its_timeout_writes_into_no_block_in_use(model
         _assert_no_block_held(llm)
         assert engine.reset_prefix_cache()
 
-        req = engine.add_request(model["prompts"][-1], PARAMS)
+        req = engine.add_request(any_model["prompts"][-1], PARAMS)
         deadline = time.monotonic() + 30
         while len(req.output_token_ids) < 2 and time.monotonic() < deadline:  # timed out, recomputed, decoding
             engine.step()
@@ -124,7 +134,7 @@ def test_a_load_that_reports_after_its_timeout_writes_into_no_block_in_use(model
         done = []
         while not done and time.monotonic() < deadline:
             done = engine.step()
-        assert done[0].outputs[0].token_ids == model["reference"][-1]
+        assert done[0].outputs[0].token_ids == any_model["reference"][-1]
         assert llm.kv_stats()["connector_calls"]["load_timeouts"] == len(LENGTHS) + 1
         _assert_no_block_held(llm)  # the late report came with the last steps
 
