@@ -118,6 +118,7 @@ def test_a_load_that_reports_after_its_timeout_writes_into_no_block_in_use(any_m
         engine, connector = llm.engine, llm.engine.connector
         # The second run's loads timed out (and recomputed): their blocks are still held.
         assert llm.kv_stats()["connector_calls"]["unsettled_loads"] == len(LENGTHS)
+        assert f"kvtier_kv_unsettled_loads {len(LENGTHS)}.0" in llm.metrics_text().splitlines()
         assert not engine.reset_prefix_cache()
         assert connector.write_late() == len(LENGTHS)
         engine.step()  # their late reports free their blocks

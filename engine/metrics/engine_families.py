@@ -70,6 +70,11 @@ def engine_families(engine, kv_stats: dict, prefix: str = "kvtier_") -> Iterator
                    device.get("preemptions", 0))
     yield _counter(prefix + "kv_load_failed_blocks", "blocks that failed to load from a tier and were recomputed",
                    device.get("load_failures", 0))
+    calls = kv_stats.get("connector_calls", {})
+    yield _counter(prefix + "kv_load_timeouts", "loads not reported within kv_load_timeout_s (recomputed)",
+                   calls.get("load_timeouts", 0))
+    yield _gauge(prefix + "kv_unsettled_loads", "timed-out loads not reported yet: their device blocks stay out of use",
+                 calls.get("unsettled_loads", 0))
     recomputed = CounterMetricFamily(prefix + "recomputed_tokens",
                                      "tokens computed again: after a failed tier load, or after a preemption",
                                      labels=["reason"])
