@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from kvtier.kvstore.format.codec import CorruptBlock, decode_block, encode_block
-from kvtier.kvstore.host_copy import clone_block, copy_block
 from kvtier.kvstore.keys import BlockKey
 
 __all__ = ["CorruptBlock", "seal_block", "unseal_block", "unseal_block_or_none"]
@@ -34,11 +33,11 @@ def unseal_block(value: bytes | memoryview, key: BlockKey, into: torch.Tensor | 
         raise CorruptBlock(f"expected the bytes of a sealed block, got {type(value).__name__}")
     block = decode_block(value, key)
     if into is None:
-        return clone_block(block)  # decode_block may view `value`; the caller gets its own copy
+        return block.clone()  # decode_block may view `value`; the caller gets its own copy
     if tuple(into.shape) != tuple(block.shape) or into.dtype != block.dtype:
         raise CorruptBlock(f"stored block {block.dtype}{list(block.shape)} does not fit the destination "
                            f"{into.dtype}{list(into.shape)}")
-    copy_block(into, block)  # on a loader thread (host_copy.py)
+    into.copy_(block)
     return into
 
 

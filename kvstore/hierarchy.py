@@ -37,7 +37,6 @@ from kvtier.kvstore.faults import FaultLog
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.stats import StatsRecorder, TierStats
 from kvtier.kvstore.tiers.background_writer import BackgroundWriter, WriterLimits
-from kvtier.kvstore.host_copy import clone_block
 from kvtier.kvstore.tiers.base import Tier
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ def _cpu_copies(blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return []
     if blocks[0].is_cuda and all(b.device == blocks[0].device for b in blocks):
         return list(torch.stack([b.detach() for b in blocks]).to("cpu").unbind(0))
-    return [clone_block(b) for b in blocks]
+    return [b.detach().to("cpu", copy=True) for b in blocks]
 
 
 def _fitting(writer: BackgroundWriter, sizes: Sequence[int]) -> int:

@@ -1,7 +1,7 @@
 """One OpenMP team per process: torch gives each thread that runs a parallel op a team of
 its own, and a second team makes libgomp shorten every team's barrier spin, which slowed
-each forward pass (async_engine.py, kvstore/host_copy.py). The server's engine is built on
-its loop thread; tier loads copy blocks without torch's parallel copy."""
+each forward pass (async_engine.py, kvstore/serial_torch.py). The server's engine is built
+on its loop thread; kvtier's helper threads run torch ops on themselves alone."""
 from __future__ import annotations
 
 import json

@@ -31,7 +31,6 @@ from collections.abc import Sequence
 
 import torch
 
-from kvtier.kvstore.host_copy import clone_block, copy_block
 from kvtier.kvstore.keys import BlockKey
 from kvtier.kvstore.tiers.base import EvictHook, Tier
 from kvtier.kvstore.tiers.spec import BlockLayout, TierSpec
@@ -159,7 +158,7 @@ class CpuTier(Tier):
                     dst.copy_(self._view[slot], non_blocking=True)
                     devices.add(dst.device)
                 else:
-                    copy_block(dst, self._view[slot])  # often on a loader thread (host_copy.py)
+                    dst.copy_(self._view[slot])
                 ok[i] = True
                 hits += 1
                 nbytes += self._size[slot]
@@ -205,7 +204,10 @@ class CpuTier(Tier):
                     # A block evicted by its own batch has not been copied in yet.
                     src = pending.pop(old, None)
                     if hook is not None:  # copy before the slot can be reused or released
-                        evicted_data.append(clone_block(self._view[old] if src is None else blocks[src]))
+                        if src is None:
+                            evicted_data.append(self._view[old].clone())
+                        else:
+                            evicted_data.append(blocks[src].detach().to("cpu", copy=True))
                     self._owner[old] = None
                     self._used -= self._size[old]
                     self._free[self._kind[old]].append(old)
@@ -230,7 +232,7 @@ class CpuTier(Tier):
                     self._view[slot].copy_(src, non_blocking=True)
                     sources.add(src.device)
                 else:
-                    copy_block(self._view[slot], src)
+                    self._view[slot].copy_(src)
                 written += self._size[slot]
             for device in sources:  # the caller may reuse its blocks once put returns
                 torch.cuda.current_stream(device).synchronize()
