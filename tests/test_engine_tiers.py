@@ -12,7 +12,6 @@ import lmdb
 import pytest
 from grpc_server import KVServerProcess
 from hf_checkpoints import make_variant
-from redis_server import RedisServer
 
 from kvtier import LLM, SamplingParams
 from kvtier.engine.model_config import load_model_config
@@ -31,13 +30,6 @@ def model(tmp_path_factory):
         reference = [o.outputs[0].token_ids for o in llm.generate(_prompts(prompts), PARAMS, use_tqdm=False)]
     block_bytes = cfg.num_layers * 2 * 16 * cfg.num_kv_heads * cfg.head_dim * 4
     return dict(path=path, prompts=prompts, reference=reference, small_pool=16 * block_bytes)
-
-
-@pytest.fixture
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 def _prompts(prompts):

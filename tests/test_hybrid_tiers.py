@@ -8,7 +8,6 @@ import random
 import pytest
 from grpc_server import KVServerProcess
 from hf_checkpoints import make_variant
-from redis_server import RedisServer
 
 from kvtier import LLM, SamplingParams
 
@@ -26,13 +25,6 @@ def model(request, tmp_path_factory):
         reference = _tokens(llm.generate(prompts, PARAMS, use_tqdm=False))
         kinds = [g.kind for g in llm.engine.groups]
     return dict(name=request.param, path=path, prompts=prompts, reference=reference, kinds=kinds)
-
-
-@pytest.fixture
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 def _tokens(outs):
