@@ -98,10 +98,13 @@ class EngineConfig:
     park_policy: str = "auto"
     max_parked_fraction: float = 0.5
     # KV events (docs/kv_events.md): a ZMQ PUB endpoint speaking vLLM's schema, e.g.
-    # "tcp://*:5557" (needs `pip install kvtier[events]`), its topic, a JSON-lines file, and
-    # how many events each consumer may have queued before new ones are dropped (counted).
+    # "tcp://*:5557" (needs `pip install kvtier[events]`), its topic, vLLM's replay socket
+    # and how many batches it keeps, a JSON-lines file, and how many events each consumer may
+    # have queued before new ones are dropped (counted).
     kv_events_endpoint: str | None = None
     kv_events_topic: str = ""
+    kv_events_replay_endpoint: str | None = None
+    kv_events_replay_batches: int = 10_000
     kv_events_file: str | None = None
     kv_events_queue: int = 10_000
     # vLLM's --gpu-memory-utilization: the share of the GPU's memory this engine may use
@@ -160,9 +163,13 @@ class EngineConfig:
             raise ValueError(f"max_parked_fraction: must be a number in [0, 1], got {f!r}")
 
     def _validate_kv_events(self) -> None:
-        ep = self.kv_events_endpoint
-        if ep is not None and (not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://", "inproc://"))):
-            raise ValueError(f"kv_events_endpoint: expected a ZMQ address such as 'tcp://*:5557', got {ep!r}")
+        for key, example in (("kv_events_endpoint", "tcp://*:5557"), ("kv_events_replay_endpoint", "tcp://*:5558")):
+            ep = getattr(self, key)
+            if ep is not None and (not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://", "inproc://"))):
+                raise ValueError(f"{key}: expected a ZMQ address such as {example!r}, got {ep!r}")
+        if self.kv_events_replay_endpoint is not None and self.kv_events_endpoint is None:
+            raise ValueError("kv_events_replay_endpoint: replays what kv_events_endpoint publishes; set that too")
+        _positive_int("kv_events_replay_batches", self.kv_events_replay_batches)
         if not isinstance(self.kv_events_topic, str):
             raise ValueError(f"kv_events_topic: must be a string, got {self.kv_events_topic!r}")
         if self.kv_events_file is not None and (not isinstance(self.kv_events_file, str) or not self.kv_events_file):

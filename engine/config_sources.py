@@ -65,6 +65,9 @@ _META = {
     "kv_load_timeout_s": {"help": "seconds a connector load may take before it is recomputed"},
     "kv_events_endpoint": {"help": "publish KV events on this ZMQ address (vLLM's schema), e.g. tcp://*:5557"},
     "kv_events_topic": {"help": "ZMQ topic of the KV-event messages"},
+    "kv_events_replay_endpoint": {"help": "answer vLLM-style replay requests for missed KV-event batches on this "
+                                          "ZMQ address, e.g. tcp://*:5558"},
+    "kv_events_replay_batches": {"help": "KV-event batches kept for replay"},
     "kv_events_file": {"help": "append KV events to this JSON-lines file"},
     "kv_events_queue": {"help": "events each consumer may have queued before new ones are dropped"},
 }

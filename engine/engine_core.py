@@ -85,7 +85,8 @@ class Engine:
             if config.kv_events_file is not None:
                 self.kv_events.add_file(config.kv_events_file)
             if config.kv_events_endpoint is not None:
-                self.kv_events.add_zmq(config.kv_events_endpoint, config.kv_events_topic)
+                self.kv_events.add_zmq(config.kv_events_endpoint, config.kv_events_topic,
+                                       config.kv_events_replay_endpoint, config.kv_events_replay_batches)
         except BaseException:
             self.close()  # a bad path, a busy port or a missing extra: stop the tier threads too
             raise

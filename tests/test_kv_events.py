@@ -188,6 +188,46 @@ def test_zmq_subscriber_decodes_vllm_layout(model):
     assert all(toks == [] for _, _, toks in stored["cpu"])
 
 
+def _replay(endpoint: str, start: bytes) -> list[tuple[int, bytes]]:
+    """Ask the replay socket from a DEALER (REQ's envelope): [(sequence, payload)] up to the end marker."""
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(endpoint)
+    dealer.send_multipart([b"", start])
+    got = []
+    while dealer.poll(5000):
+        empty, seq, payload = dealer.recv_multipart()
+        got.append((int.from_bytes(seq, "big", signed=True), payload))
+        if not payload:
+            break
+    dealer.close(0)
+    ctx.term()
+    return got
+
+
+def test_replay_socket_resends_the_kept_batches(model):
+    with LLM(model["path"], device="cpu", kv_events_endpoint="tcp://127.0.0.1:*",
+             kv_events_replay_endpoint="tcp://127.0.0.1:*", kv_events_replay_batches=3) as llm:
+        publisher = llm.engine.kv_events.sinks[0]
+        rng = random.Random(3)
+        deadline = time.monotonic() + 30
+        while publisher.sent < 5:  # no subscriber: every batch is missed, and kept for replay
+            assert time.monotonic() < deadline
+            _gen(llm, [[rng.randrange(3, 200) for _ in range(40)]])
+            time.sleep(0.05)
+        sent = publisher.sent
+        everything = _replay(publisher.replay_endpoint, (0).to_bytes(8, "big"))
+        last_one = _replay(publisher.replay_endpoint, (sent - 1).to_bytes(8, "big"))
+        malformed = _replay(publisher.replay_endpoint, b"bad")
+    # Only the last 3 batches are kept; each is the published msgpack batch; -1 ends a replay.
+    assert [seq for seq, _ in everything] == [sent - 3, sent - 2, sent - 1, -1]
+    for _, payload in everything[:-1]:
+        ts, events = msgpack.unpackb(payload, raw=False)
+        assert isinstance(ts, float) and events and all(ev[0] in ("BlockStored", "BlockRemoved") for ev in events)
+    assert last_one == [everything[2], (-1, b"")]
+    assert malformed == [(-1, b"")] and publisher.replays == 3
+
+
 def test_never_reading_consumer_drops_counted_and_engine_finishes(model):
     with LLM(model["path"], device="cpu", kv_events_queue=3) as llm:
         slow = llm.kv_events()  # never read
@@ -268,6 +308,9 @@ def test_bus_without_subscribers_publishes_nothing():
     (dict(kv_events_queue=0), "kv_events_queue"),
     (dict(kv_events_file=""), "kv_events_file"),
     (dict(kv_events_topic=3), "kv_events_topic"),
+    (dict(kv_events_endpoint="tcp://*:5557", kv_events_replay_endpoint="5558"), "kv_events_replay_endpoint"),
+    (dict(kv_events_replay_endpoint="tcp://*:5558"), "kv_events_replay_endpoint"),  # nothing to replay
+    (dict(kv_events_endpoint="tcp://*:5557", kv_events_replay_batches=0), "kv_events_replay_batches"),
 ])
 def test_config_errors_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
@@ -277,6 +320,9 @@ def test_config_errors_name_the_key(kwargs, key):
 def test_unbindable_endpoint_fails_at_start(model):
     with pytest.raises(ValueError, match="kv_events_endpoint: cannot bind"):
         LLM(model["path"], device="cpu", kv_events_endpoint="tcp://256.0.0.1:1")
+    with pytest.raises(ValueError, match="kv_events_replay_endpoint: cannot bind"):
+        LLM(model["path"], device="cpu", kv_events_endpoint="tcp://127.0.0.1:*",
+            kv_events_replay_endpoint="tcp://256.0.0.1:1")
 
 
 def test_missing_extra_is_named(monkeypatch):

@@ -38,16 +38,19 @@ class SubscriptionThread:
     def finish(self) -> None:
         """Release what the thread owns (files, sockets), after the last batch."""
 
+    def tick(self) -> None:
+        """Runs on the thread after every batch and every idle poll (at least every POLL_S)."""
+
     def _run(self) -> None:
         try:
             while True:
                 batch = self.subscription.get(POLL_S)
-                if batch is None:
-                    if self._stop.is_set():
-                        return
-                    continue
+                if batch is None and self._stop.is_set():
+                    return
                 try:
-                    self.handle(batch)
+                    if batch is not None:
+                        self.handle(batch)
+                    self.tick()
                 except Exception as e:  # a sink's fault must not end the stream for good
                     if self.errors == 0:
                         log.warning("%s: writing KV events failed (%s); counting further failures",

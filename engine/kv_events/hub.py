@@ -54,11 +54,13 @@ class KVEventHub:
 
         self.sinks.append(JsonlSink(self.subscribe(), path))
 
-    def add_zmq(self, endpoint: str, topic: str = "") -> None:
+    def add_zmq(self, endpoint: str, topic: str = "", replay_endpoint: str | None = None,
+                replay_batches: int = 10_000) -> None:
         from kvtier.engine.kv_events.zmq_publisher import ZmqPublisher, require_zmq
 
         require_zmq()  # before subscribing: a missing extra leaves nothing half set up
-        self.sinks.append(ZmqPublisher(self.subscribe(), endpoint, topic))
+        self.sinks.append(ZmqPublisher(self.subscribe(), endpoint, topic, replay_endpoint=replay_endpoint,
+                                       replay_batches=replay_batches))
 
     def end_step(self) -> None:
         """Publish what the device pool recorded this step, as one batch."""
