@@ -55,7 +55,7 @@ class ZmqPublisher(SubscriptionThread):
         self.replay_endpoint: str | None = None
         self.sent = 0  # batches sent
         self.replays = 0  # replay requests answered
-        self._kept: deque[tuple[bytes, bytes]] = deque(maxlen=replay_batches)  # (sequence, payload)
+        self._kept: deque[tuple[int, bytes, bytes]] = deque(maxlen=replay_batches)  # (n, sequence, payload)
         self._bound = threading.Event()
         self._bind_error: str | None = None
         self._ctx = self._zmq.Context()
@@ -96,7 +96,7 @@ class ZmqPublisher(SubscriptionThread):
         self._socket.send_multipart((self.topic, seq, payload), flags=self._zmq.NOBLOCK)
         self.sent += 1
         if self._replay is not None:
-            self._kept.append((seq, payload))
+            self._kept.append((self.sent - 1, seq, payload))
 
     def tick(self) -> None:
         """Answer the replay requests that have arrived (never waits for one)."""
@@ -105,8 +105,8 @@ class ZmqPublisher(SubscriptionThread):
             envelope = frames[:-1]  # the client's identity, and REQ's empty delimiter
             start = int.from_bytes(frames[-1], "big") if len(frames[-1]) == 8 and len(frames) > 1 else None
             if start is not None:
-                for seq, payload in self._kept:
-                    if int.from_bytes(seq, "big") >= start:
+                for n, seq, payload in self._kept:
+                    if n >= start:
                         self._replay.send_multipart((*envelope, seq, payload))
             self._replay.send_multipart((*envelope, END_OF_REPLAY, b""))
             self.replays += 1

@@ -124,7 +124,8 @@ class GrpcTier(ByteStoreTier):
         self._in_flight = [0] * len(self._servers)
         self._in_flight_lock = threading.Lock()
         # One thread per server: a batch touching every server waits for the slowest only.
-        self._pool = ThreadPoolExecutor(len(servers), "kvtier-grpc", initializer=serial_torch_thread) if len(servers) > 1 else None
+        self._pool = ThreadPoolExecutor(len(servers), "kvtier-grpc", initializer=serial_torch_thread) \
+            if len(servers) > 1 else None
 
     @classmethod
     def from_spec(cls, spec, layouts=None) -> "GrpcTier":
